@@ -1,0 +1,280 @@
+"""The ``pipeline`` command. Parses flags, calls one function per command; no logic here.
+
+Heavy modules are imported inside the commands so ``pipeline --help`` starts fast.
+Exit status: 0 all answered; 1 some failed (recorded); 2 bad spec or input (nothing sent);
+3 stopped by the budget cap; 130 interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+T = TypeVar("T")
+log = logging.getLogger("pipeline")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="pipeline: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "aiohttp", "alembic", "sqlalchemy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _arun(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; user mistakes and storage faults become one line and an exit status."""
+    import anyio
+
+    from pipeline.errors import PipelineError, StorageError, UserError
+
+    try:
+        return anyio.run(fn)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except StorageError as exc:
+        click.echo(f"error: {exc} (the run is resumable once this is fixed)", err=True)
+        sys.exit(1)
+    except PipelineError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(int(getattr(exc, "exit_code", 1)))
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="llm-batch-pipeline")
+def main() -> None:
+    """Batch chat completions against any OpenAI-compatible endpoint, recorded in SQLite and Parquet."""
+
+
+def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--input", "input_path", type=click.Path(path_type=Path), help="JSONL or Parquet input file."),
+        click.option("--base-url", help="Endpoint base URL, e.g. https://api.openai.com/v1 (or 'mock')."),
+        click.option(
+            "--api-key-env",
+            metavar="NAME",
+            help="Environment variable holding the API key (default OPENAI_API_KEY).",
+        ),
+        click.option("--model", help="Primary model."),
+        click.option("--fallback", "fallbacks", multiple=True, help="Fallback model, in order (repeatable)."),
+        click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute per route (0 = no limit)."),
+        click.option("--tpm", type=click.IntRange(min=0), help="Tokens per minute per route (0 = no limit)."),
+        click.option("--concurrency", type=click.IntRange(min=1), help="Requests in flight per route."),
+        click.option("--db", help="SQLite file or database URL (default pipeline.db)."),
+        click.option("--out", type=click.Path(path_type=Path), help="Output folder (default out/)."),
+        click.option("--run-id", help="Run id (default: the job name); rerunning it resumes."),
+        click.option("--job", help="Job name (default: the spec file's or input file's name)."),
+        click.option("--new-run", is_flag=True, default=None, help="Start a fresh run even if one exists."),
+        click.option("--budget-usd", help="Stop dispatching before spending more than this."),
+        click.option(
+            "--on-bad-row",
+            type=click.Choice(["stop", "skip"]),
+            help="stop: send nothing if any row is bad (default); skip: reject bad rows, send the rest.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    ov: dict[str, Any] = {}
+    if kw.get("input_path") is not None:
+        ov["input"] = {"path": str(kw["input_path"])}
+    for key in ("base_url", "api_key_env", "model", "db", "run_id", "job", "on_bad_row", "budget_usd"):
+        if kw.get(key) is not None:
+            ov[key] = kw[key]
+    if kw.get("fallbacks"):
+        ov["fallbacks"] = list(kw["fallbacks"])
+    limits = {k: kw[k] for k in ("rpm", "tpm", "concurrency") if kw.get(k) is not None}
+    if limits:
+        ov["limits"] = limits
+    if kw.get("out") is not None:
+        ov["out"] = str(kw["out"])
+    if kw.get("new_run"):
+        ov["new_run"] = True
+    return ov
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(path_type=Path))
+@_run_options
+@click.option("--retry-failed", is_flag=True, help="Also send again the requests that ended failed.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def run(spec: Path | None, retry_failed: bool, quiet: bool, verbose: bool, **kw: Any) -> None:
+    """Run a job (SPEC is a TOML file under jobs/; flags override its fields).
+
+    Rerunning the same run resumes it: only requests not yet answered are sent.
+    """
+    _setup_logging(verbose)
+
+    async def go() -> Any:
+        from pipeline.progress import make_display
+        from pipeline.run import execute
+        from pipeline.spec import load_spec
+
+        job = load_spec(spec, _overrides(kw))
+        return await execute(job, display=make_display(quiet=quiet), retry_failed=retry_failed)
+
+    summary = _arun(go)
+    c = summary.counts
+    click.echo(
+        f"run {summary.run_id}: {summary.state}; {c.get('succeeded', 0)} succeeded, "
+        f"{c.get('failed', 0)} failed, {c.get('rejected', 0)} rejected, {c.get('pending', 0)} pending"
+    )
+    if summary.message:
+        click.echo(summary.message, err=True)
+    click.echo(f"database: {summary.db}   results: {summary.results}")
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.option("--db", default="pipeline.db", show_default=True, help="SQLite file or database URL.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(run_id: str | None, db: str, as_json: bool) -> None:
+    """Progress of a run (default: the latest): counts by state, tokens, cost."""
+    from pipeline import reports
+
+    info = _arun(lambda: reports.status(db, run_id))
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
+        return
+    c = info["counts"]
+    click.echo(f"run {info['run_id']} (job {info['job']}): {info['state']}")
+    click.echo(
+        f"  requests {info['requests']}: {c['succeeded']} succeeded, {c['failed']} failed, "
+        f"{c['rejected']} rejected, {c['pending']} pending"
+    )
+    click.echo(
+        f"  attempts {info['attempts']}; tokens: prompt {info['prompt_tokens']} "
+        f"(cached {info['cached_tokens']}), completion {info['completion_tokens']} "
+        f"(reasoning {info['reasoning_tokens']})"
+    )
+    cost = info["cost_usd"] if info["cost_usd"] is not None else "unknown"
+    line = f"  cost: ${cost} computed"
+    if info["reported_cost_usd"] is not None:
+        line += f", ${info['reported_cost_usd']} reported by the provider"
+    if info["unpriced_attempts"]:
+        line += f"; {info['unpriced_attempts']} attempts have no known price"
+    click.echo(line)
+    if info["error"]:
+        click.echo(f"  note: {info['error']}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--db", default="pipeline.db", show_default=True, help="SQLite file or database URL.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default RUN.FORMAT).")
+def export(run_id: str, db: str, fmt: str, output: Path | None) -> None:
+    """Rewrite a run's results from the database (JSONL in OpenAI batch-output shape)."""
+    from pipeline import reports
+
+    target = output or Path(f"{run_id}.{fmt}")
+    n = _arun(lambda: reports.export(db, run_id, fmt, target))
+    click.echo(f"wrote {n} rows to {target}")
+
+
+@main.command()
+@click.option("--db", default="pipeline.db", show_default=True, help="SQLite file or database URL.")
+@click.option("--by", type=click.Choice(["model", "day", "run", "route"]), default="model", show_default=True)
+@click.option("--since", metavar="YYYY-MM-DD", help="Only attempts from this day on.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+def report(db: str, by: str, since: str | None, fmt: str) -> None:
+    """Cost and token audit from the database, every attempt counted."""
+    from pipeline import reports
+
+    cols, rows = _arun(lambda: reports.report(db, by, since))
+    if fmt == "json":
+        import orjson
+
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2, default=str).decode())
+    elif fmt == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=list(cols))
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*cols)
+        for r in rows:
+            table.add_row(*("" if r[c] is None else str(r[c]) for c in cols))
+        Console().print(table)
+
+
+@main.command("mock-server")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--latency-ms", type=float, default=0.0, show_default=True)
+@click.option("--rpm", type=click.IntRange(min=0), default=0, help="Requests per minute before 429 (0 = none).")
+@click.option("--tpm", type=click.IntRange(min=0), default=0, help="Tokens per minute before 429 (0 = none).")
+@click.option("--rate-429", type=click.FloatRange(0, 1), default=0.0, help="Share of random 429s.")
+@click.option("--rate-500", type=click.FloatRange(0, 1), default=0.0, help="Share of random 500s.")
+@click.option("--rate-invalid-json", type=click.FloatRange(0, 1), default=0.0, help="Share of broken 200 bodies.")
+@click.option("--retry-after", type=float, default=1.0, show_default=True, help="Retry-After seconds on 429s.")
+@click.option("--api-key", help="Require this bearer key (default: accept any).")
+@click.option("--seed", type=int, default=0)
+def mock_server(**kw: Any) -> None:
+    """A local OpenAI-compatible server for demos, tests and benchmarks."""
+    from pipeline.mock import MockConfig, main as serve
+
+    serve(
+        MockConfig(
+            host=kw["host"],
+            port=kw["port"],
+            latency_ms=kw["latency_ms"],
+            rpm=kw["rpm"],
+            tpm=kw["tpm"],
+            rate_429=kw["rate_429"],
+            rate_500=kw["rate_500"],
+            rate_invalid_json=kw["rate_invalid_json"],
+            retry_after_s=kw["retry_after"],
+            api_key=kw["api_key"],
+            seed=kw["seed"],
+        )
+    )
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+@click.option("--db", "db_", default="pipeline.db", show_default=True, help="SQLite file or database URL.")
+def db_upgrade(db_: str) -> None:
+    """Apply the schema migrations (runs do this themselves)."""
+    from pipeline.spec import db_url
+    from pipeline.store import Store
+
+    async def go() -> str:
+        store = await Store.open(db_url(db_), migrate=False)
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    head = _arun(go)
+    click.echo(f"database {db_} is at revision {head}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

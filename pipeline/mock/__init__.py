@@ -1,0 +1,34 @@
+"""A fake OpenAI-compatible chat-completions provider, for dry runs, tests and benchmarks.
+
+Start one in a background thread::
+
+    with MockServer(MockConfig(rpm=60, rate_500=0.05)) as server:
+        client = OpenAI(base_url=server.base_url, api_key="x")
+        ...
+        print(server.stats().to_dict())
+
+or serve in the current loop with :func:`serve`, or from the command line with :func:`main`.
+See :mod:`pipeline.mock.server` for the endpoints, the token estimate and the toy prices.
+"""
+
+from pipeline.mock.server import (
+    PRICE_CACHED_INPUT_PER_MTOK,
+    PRICE_INPUT_PER_MTOK,
+    PRICE_OUTPUT_PER_MTOK,
+    MockConfig,
+    MockServer,
+    MockStats,
+    main,
+    serve,
+)
+
+__all__ = [
+    "PRICE_CACHED_INPUT_PER_MTOK",
+    "PRICE_INPUT_PER_MTOK",
+    "PRICE_OUTPUT_PER_MTOK",
+    "MockConfig",
+    "MockServer",
+    "MockStats",
+    "main",
+    "serve",
+]

@@ -1,0 +1,110 @@
+"""Cost of an attempt from its usage: the spec's prices first, then the genai-prices catalogue.
+
+Money is exact: Decimal arithmetic, stored as integer picodollars (1e-12 USD), so prices
+with up to six decimals per million tokens never round. Following OpenAI's usage, prompt
+tokens include cached ones (priced at the cache rate, not again at the full rate) and
+completion tokens include reasoning ones (not counted twice). A model with no known price
+gets no cost (NULL) with the reason, and one warning per model per run, never a silent 0.
+
+The catalogue is used offline: its price-update thread is never started.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from pipeline.records import Usage
+from pipeline.spec import ModelPrice
+
+__all__ = ["PICO_PER_USD", "Cost", "PriceBook", "picousd", "usd"]
+
+log = logging.getLogger(__name__)
+PICO_PER_USD = Decimal(10) ** 12
+_PER_MTOK = Decimal(10) ** 6
+
+
+def picousd(dollars: Decimal) -> int:
+    return int((dollars * PICO_PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def usd(pico: int | None) -> Decimal | None:
+    return None if pico is None else Decimal(pico) / PICO_PER_USD
+
+
+@dataclass(frozen=True)
+class Cost:
+    picousd: int | None
+    source: str | None  # "spec" | "catalogue"
+    note: str | None = None
+
+
+class PriceBook:
+    """Prices attempts. One instance per run (it remembers which models it warned about)."""
+
+    def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
+        self._overrides = dict(overrides or {})
+        self._unknown: set[tuple[str | None, str]] = set()
+
+    def cost(self, model: str, usage: Usage | None, *, provider: str | None, at: datetime) -> Cost:
+        if usage is None:
+            return Cost(None, None, "no usage reported")
+        price = self._overrides.get(model)
+        if price is not None:
+            return Cost(picousd(spec_cost(price, usage)), "spec")
+        key = (provider, model)
+        if key in self._unknown:
+            return Cost(None, None, f"no price known for {model!r}")
+        try:
+            total = catalogue_cost(model, usage, provider=provider, at=at)
+        except LookupError:
+            self._unknown.add(key)
+            log.warning(
+                "no price known for model %r%s: its cost is left empty; add [prices.%s] to the spec",
+                model,
+                f" (provider {provider})" if provider else "",
+                model,
+            )
+            return Cost(None, None, f"no price known for {model!r}")
+        return Cost(picousd(total), "catalogue")
+
+
+def spec_cost(p: ModelPrice, u: Usage) -> Decimal:
+    """USD for a usage at the spec's per-million-token prices."""
+    cached = min(u.cached, u.prompt)
+    written = min(u.cache_write, u.prompt - cached)
+    fresh = u.prompt - cached - written
+    cost = Decimal(fresh) * p.input
+    cost += Decimal(cached) * (p.cached_input if p.cached_input is not None else p.input)
+    cost += Decimal(written) * (p.cache_write if p.cache_write is not None else p.input)
+    if p.reasoning is not None:
+        reasoning = min(u.reasoning, u.completion)
+        cost += Decimal(u.completion - reasoning) * p.output + Decimal(reasoning) * p.reasoning
+    else:
+        cost += Decimal(u.completion) * p.output
+    return cost / _PER_MTOK
+
+
+def catalogue_cost(model: str, u: Usage, *, provider: str | None, at: datetime) -> Decimal:
+    """USD from genai-prices at the attempt's own time. Raises LookupError for unknown models."""
+    from genai_prices import Usage as GUsage
+    from genai_prices import calc_price
+
+    when = at if at.tzinfo else at.replace(tzinfo=UTC)
+    result = calc_price(
+        GUsage(
+            input_tokens=u.prompt,
+            cache_read_tokens=min(u.cached, u.prompt) or None,
+            cache_write_tokens=u.cache_write or None,
+            output_tokens=u.completion,
+            input_audio_tokens=u.audio_prompt or None,
+            output_audio_tokens=u.audio_completion or None,
+        ),
+        model_ref=model,
+        provider_id=provider,
+        genai_request_timestamp=when,
+    )
+    return Decimal(result.total_price)

@@ -1,0 +1,85 @@
+"""The single writer: takes finished requests from a stream, commits them in batches.
+
+Workers never touch the database; they send :class:`~pipeline.records.Outcome` objects
+here. A batch closes when it holds ``batch_size`` outcomes or ``max_delay`` seconds after
+its first one, so a busy run commits rarely and a quiet one still commits promptly. After
+each commit the same rows go to the Parquet part writer (derived output) and the counters.
+The recorder knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import anyio
+from anyio.abc import ObjectReceiveStream
+
+from pipeline.outputs import PartWriter, outcome_result
+from pipeline.progress import Counters
+from pipeline.records import Outcome
+from pipeline.store.db import Store
+
+__all__ = ["Recorder"]
+
+
+class Recorder:
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        *,
+        parts: PartWriter | None,
+        counters: Counters,
+        batch_size: int = 1000,
+        max_delay: float = 0.2,
+    ) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.parts = parts
+        self.counters = counters
+        self.batch_size = batch_size
+        self.max_delay = max_delay
+        self.commits = 0
+        self.recorded = 0
+
+    async def run(self, outcomes: ObjectReceiveStream[Outcome]) -> None:
+        """Consume until the stream closes; every received outcome is committed."""
+        async with outcomes:
+            while True:
+                try:
+                    first = await outcomes.receive()
+                except anyio.EndOfStream:
+                    break
+                batch = [first]
+                ended = False
+                with anyio.move_on_after(self.max_delay):
+                    while len(batch) < self.batch_size:
+                        try:
+                            batch.append(await outcomes.receive())
+                        except anyio.EndOfStream:
+                            ended = True
+                            break
+                await self.commit(batch)
+                if ended:
+                    break
+        if self.parts is not None:
+            await self.parts.flush()
+
+    async def commit(self, batch: list[Outcome]) -> None:
+        with anyio.CancelScope(shield=True):  # a received outcome is never dropped half-way
+            await self.store.record_outcomes(self.run_id, batch)
+            self.commits += 1
+            self.recorded += len(batch)
+            finished = [o for o in batch if o.state != "pending"]
+            for o in finished:
+                if o.state == "succeeded":
+                    self.counters.succeeded += 1
+                else:
+                    self.counters.failed += 1
+                for a in o.attempts:
+                    if a.usage is not None:
+                        self.counters.tokens += a.usage.total
+                    if a.cost_picousd is not None:
+                        self.counters.cost_picousd += a.cost_picousd
+            if self.parts is not None and finished:
+                due = self.parts.add(outcome_result(o) for o in finished)
+                if due:
+                    await self.parts.flush()

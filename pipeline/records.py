@@ -1,0 +1,160 @@
+"""Plain value types that travel between stages: usage, completions, attempts, outcomes.
+
+They know nothing of HTTP or SQL, so the client can build them and the recorder can store
+them without either importing the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+__all__ = ["Attempt", "Choice", "Completion", "Outcome", "Usage"]
+
+
+def _int(obj: Any, *path: str) -> int | None:
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    if isinstance(obj, bool):
+        return None
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float) and obj.is_integer():
+        return int(obj)
+    return None
+
+
+def _money(obj: Any, *path: str) -> Decimal | None:
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    if isinstance(obj, bool) or not isinstance(obj, int | float | str):
+        return None
+    try:
+        value = Decimal(str(obj))
+    except ArithmeticError:
+        return None
+    return value if value.is_finite() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage as the provider reported it. ``prompt`` includes ``cached``; ``completion``
+    includes ``reasoning`` (OpenAI's convention, followed by OpenRouter, vLLM, LiteLLM)."""
+
+    prompt: int = 0
+    completion: int = 0
+    total: int = 0
+    cached: int = 0
+    cache_write: int = 0
+    reasoning: int = 0
+    audio_prompt: int = 0
+    audio_completion: int = 0
+    accepted_prediction: int = 0
+    rejected_prediction: int = 0
+    reported_cost: Decimal | None = None  # OpenRouter usage.cost (USD)
+    upstream_cost: Decimal | None = None  # OpenRouter usage.cost_details.upstream_inference_cost
+    estimated: bool = False  # True when no usage came back and these are our estimates
+    raw: dict[str, Any] | None = None
+
+    @classmethod
+    def from_api(cls, u: Any) -> Usage | None:
+        if not isinstance(u, dict):
+            return None
+        prompt = _int(u, "prompt_tokens") or 0
+        completion = _int(u, "completion_tokens") or 0
+        return cls(
+            prompt=prompt,
+            completion=completion,
+            total=_int(u, "total_tokens") or prompt + completion,
+            cached=_int(u, "prompt_tokens_details", "cached_tokens") or 0,
+            cache_write=(
+                _int(u, "prompt_tokens_details", "cache_write_tokens")
+                or _int(u, "prompt_tokens_details", "cache_creation_tokens")
+                or _int(u, "cache_creation_input_tokens")
+                or 0
+            ),
+            reasoning=_int(u, "completion_tokens_details", "reasoning_tokens") or 0,
+            audio_prompt=_int(u, "prompt_tokens_details", "audio_tokens") or 0,
+            audio_completion=_int(u, "completion_tokens_details", "audio_tokens") or 0,
+            accepted_prediction=_int(u, "completion_tokens_details", "accepted_prediction_tokens") or 0,
+            rejected_prediction=_int(u, "completion_tokens_details", "rejected_prediction_tokens") or 0,
+            reported_cost=_money(u, "cost"),
+            upstream_cost=_money(u, "cost_details", "upstream_inference_cost"),
+            raw=u,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    finish_reason: str | None
+    content: str | None
+    reasoning: str | None = None
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A parsed ``chat.completion`` (or the same assembled from a stream)."""
+
+    response_id: str | None
+    model: str | None  # as reported by the provider
+    provider: str | None  # OpenRouter's "provider", when present
+    system_fingerprint: str | None
+    created: int | None
+    choices: tuple[Choice, ...]
+    usage: Usage | None
+    raw: bytes  # the response body exactly as received
+    provider_request_id: str | None = None  # x-request-id
+
+    @property
+    def first(self) -> Choice:
+        return self.choices[0]
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One HTTP attempt at one request on one route: a line of the audit and of the bill."""
+
+    attempt_no: int  # 1-based within the request
+    endpoint: str
+    base_url: str
+    model: str
+    started_at: datetime
+    latency_ms: float | None = None
+    http_status: int | None = None
+    outcome: str = "pending"  # success | retry | fallback | fail | stop_endpoint
+    error_class: str | None = None  # the policy rule name
+    error_message: str | None = None
+    retry_after_s: float | None = None
+    wait_s: float | None = None  # the wait before the next attempt
+    provider_request_id: str | None = None
+    completion: Completion | None = None
+    usage: Usage | None = None
+    cost_picousd: int | None = None  # computed from the price catalogue
+    cost_source: str | None = None  # spec | catalogue | None
+    cost_note: str | None = None  # why the cost is NULL, if it is
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The end of one request's walk along its fallback chain."""
+
+    seq: int
+    custom_id: str
+    state: str  # succeeded | failed | pending (not attempted: every endpoint refused us)
+    attempts: list[Attempt] = field(default_factory=list)
+    error: str | None = None
+    record: dict[str, Any] | None = None  # the input record, for labelled outputs
+    prior_attempts: int = 0  # attempts recorded for this request by earlier sessions
+
+    @property
+    def final(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None

@@ -1,0 +1,385 @@
+"""Wires the stages of a run in one task group::
+
+    input file --submit--> request table --feeder--> workers --outcomes--> recorder --> SQLite
+                                                                                   └--> Parquet parts
+
+*Submit* validates every row and loads the run's requests into the database in one
+transaction: a bad row (with ``on_bad_row = "stop"``) leaves nothing behind but the run
+marked rejected, and nothing is sent. The *feeder* streams pending requests from the
+database in input order into a bounded stream, so memory stays flat whatever the input's
+size, and a rerun of the same run naturally sends only what is not done. The *workers*
+walk each request's fallback chain; the *recorder* is the only writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from pipeline.client import ChatClient
+from pipeline.errors import InputError, RunStateError
+from pipeline.inputs import Row, RowSource, file_sha256
+from pipeline.limits import RouteLimiter
+from pipeline.outputs import PartWriter, write_parquet
+from pipeline.pricing import PriceBook
+from pipeline.progress import Counters, Display
+from pipeline.recorder import Recorder
+from pipeline.records import Outcome
+from pipeline.spec import JobSpec, resolve_api_key
+from pipeline.store.db import Store, utcnow
+from pipeline.transport import AiohttpTransport
+from pipeline.worker import EndpointState, Route, Task, Worker
+
+__all__ = ["RunSummary", "execute", "results_dir"]
+
+log = logging.getLogger("pipeline")
+FINAL_STATES = ("succeeded", "failed", "rejected")
+SUBMIT_BATCH = 1000
+FEED_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    job: str
+    state: str
+    exit_code: int
+    counts: Mapping[str, int]
+    message: str
+    results: Path | None
+    db: str
+    sent: int = 0
+    totals: Mapping[str, int | None] = field(default_factory=dict)
+
+
+def results_dir(out: Path, job: str, run_id: str) -> Path:
+    return out / job / run_id
+
+
+async def execute(
+    spec: JobSpec,
+    *,
+    display: Display | None = None,
+    environ: Mapping[str, str] | None = None,
+    retry_failed: bool = False,
+    transport: httpx.AsyncBaseTransport | None = None,
+    handle_signals: bool = True,
+) -> RunSummary:
+    """Run (or resume) a job to its end. Raises UserError before anything is sent."""
+    # Keys first: a missing key must stop us before the database is touched.
+    used = {r.endpoint for r in spec.routes}
+    keys = {name: resolve_api_key(spec.endpoints[name], environ) for name in used}
+    source = RowSource(
+        spec.input,
+        template=spec.template,
+        defaults=spec.request_defaults,
+        models=frozenset(r.model for r in spec.routes),
+    )
+    input_hash = await anyio.to_thread.run_sync(file_sha256, spec.input.path)
+    run_id = spec.run_id or spec.job
+    if spec.new_run:
+        run_id = f"{run_id}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+
+    async with AsyncExitStack() as stack:
+        store = await Store.open(spec.db_url)
+        stack.push_async_callback(store.close)
+        existing = await store.get_run(run_id)
+        if existing is not None and existing["job"] != spec.job:
+            raise RunStateError(f"run id {run_id!r} belongs to job {existing['job']!r}; choose another --run-id")
+        if existing is not None and existing["loaded"] and existing["input_sha256"] != input_hash:
+            raise RunStateError(
+                f"{spec.input.path}: the input changed since run {run_id!r} loaded it "
+                "(its sha256 differs); pass --new-run to start a fresh run, or --run-id NAME"
+            )
+        if existing is None:
+            await store.create_run(
+                run_id=run_id,
+                job=spec.job,
+                spec_json=orjson.dumps(spec.redacted()).decode(),
+                input_path=str(spec.input.path),
+                input_sha256=input_hash,
+                state="created",
+            )
+        if existing is None or not existing["loaded"]:
+            await store.update_run(run_id, input_sha256=input_hash)
+            try:
+                await _submit(store, spec, run_id, source)
+            except InputError as exc:
+                await store.update_run(run_id, state="rejected", error=str(exc), exit_code=2, finished_at=utcnow())
+                raise
+
+        states = ("pending", "failed") if retry_failed else ("pending",)
+        out_dir = results_dir(spec.out, spec.job, run_id)
+        keep = spec.template.keep_columns if spec.template else None
+        # What earlier sessions finished goes in results.parquet; this session's go in parts.
+        finished_before = [s for s in FINAL_STATES if s not in states]
+        parts = PartWriter(out_dir / "parts", keep_columns=keep)
+        parts.clear()
+        await _write_results(store, run_id, out_dir, keep, finished_before)
+
+        mock_url = await _start_mock(stack, spec)
+        transport = transport or AiohttpTransport(
+            max_connections=sum(r.limits.concurrency for r in spec.routes)
+        )
+        stack.push_async_callback(transport.aclose)
+        routes = _routes(spec, keys, transport, mock_url)
+        for route in routes:
+            stack.push_async_callback(route.client.aclose)
+        worker = Worker(routes, retry=spec.retry, policy=spec.policy, prices=PriceBook(spec.prices))
+
+        before = await store.state_counts(run_id)
+        counters = Counters(total=sum(before.get(s, 0) for s in states))
+        recorder = Recorder(store, run_id, parts=parts, counters=counters)
+        await store.update_run(run_id, state="running", started_at=utcnow(), error=None)
+        log.info("run %s: %d requests to send (database %s)", run_id, counters.total, spec.db)
+
+        interrupted = await _dispatch(
+            store, run_id, states, worker, recorder, counters, display, handle_signals
+        )
+
+        await _write_results(store, run_id, out_dir, keep, FINAL_STATES)
+        parts.clear()
+        counts = await store.state_counts(run_id)
+        totals = await store.usage_totals(run_id)
+        state, code, message = _verdict(counts, interrupted, worker)
+        await store.update_run(run_id, state=state, exit_code=code, finished_at=utcnow(), error=message or None)
+        return RunSummary(
+            run_id=run_id,
+            job=spec.job,
+            state=state,
+            exit_code=code,
+            counts=counts,
+            message=message,
+            results=out_dir / "results.parquet",
+            db=spec.db,
+            sent=recorder.recorded,
+            totals=totals,
+        )
+    raise AssertionError("unreachable")  # pragma: no cover (AsyncExitStack does not swallow)
+
+
+def _verdict(counts: Mapping[str, int], interrupted: bool, worker: Worker) -> tuple[str, int, str]:
+    stopped = [r.endpoint for r in worker.routes if r.endpoint.stopped]
+    if interrupted:
+        return "interrupted", 130, "interrupted: rerun the same command to resume"
+    if stopped and not worker.usable():
+        ep = stopped[0]
+        code = 2 if ep.rule == "auth" else 1
+        return "aborted", code, f"stopped: {ep.stopped}"
+    if counts.get("failed", 0) or counts.get("pending", 0) or counts.get("rejected", 0):
+        return "failed", 1, ""
+    return "completed", 0, ""
+
+
+async def _submit(store: Store, spec: JobSpec, run_id: str, source: RowSource) -> int:
+    """Validate every row and load the run's requests, all or nothing."""
+    seen: set[str] = set()
+
+    def take(it: Iterator[Any]) -> list[Any]:
+        return list(islice(it, SUBMIT_BATCH))
+
+    async def batches() -> AsyncIterator[list[dict[str, Any]]]:
+        it = source.checked_rows()
+        while chunk := await anyio.to_thread.run_sync(take, it):
+            out = []
+            for seq, pos, obj, item in chunk:
+                if isinstance(item, Row) and item.custom_id in seen:
+                    item = InputError(source.path, pos, "custom_id", f"duplicate custom_id {item.custom_id!r}")
+                if isinstance(item, InputError):
+                    if spec.on_bad_row == "stop":
+                        raise item
+                    out.append(_rejected_row(seq, obj, item))
+                    continue
+                seen.add(item.custom_id)
+                out.append(_request_row(item))
+            yield out
+
+    n = await store.load_requests(run_id, batches())
+    log.info("run %s: loaded %d requests from %s", run_id, n, spec.input.path)
+    return n
+
+
+def _request_row(row: Row) -> dict[str, Any]:
+    return {
+        "custom_id": row.custom_id,
+        "seq": row.seq,
+        "body_sha256": row.body_hash,
+        "body": orjson.dumps(row.body).decode(),
+        "record": None if row.record is None else orjson.dumps(row.record, default=str).decode(),
+        "state": "pending",
+        "attempts": 0,
+    }
+
+
+def _rejected_row(seq: int, obj: Any, exc: InputError) -> dict[str, Any]:
+    cid = obj.get("custom_id") if isinstance(obj, dict) else None
+    return {
+        "custom_id": f"rejected-{seq:08d}" if not isinstance(cid, str) else f"{cid}#rejected-{seq}",
+        "seq": seq,
+        "body_sha256": "",
+        "body": orjson.dumps(obj, default=str).decode() if not isinstance(obj, InputError) else "null",
+        "record": None,
+        "state": "rejected",
+        "attempts": 0,
+        "error": str(exc),
+    }
+
+
+async def _start_mock(stack: AsyncExitStack, spec: JobSpec) -> str | None:
+    if not any(spec.endpoints[r.endpoint].is_mock for r in spec.routes):
+        return None
+    from pipeline.mock import MockConfig, MockServer
+
+    m = spec.mock
+    config = MockConfig() if m is None else MockConfig(
+        latency_ms=m.latency_ms, rate_429=m.rate_429, rate_500=m.rate_500, seed=m.seed
+    )
+    server = await anyio.to_thread.run_sync(MockServer(config).start)
+    stack.callback(server.stop)
+    log.info("mock server started in-process at %s", server.base_url)
+    return server.base_url
+
+
+def _routes(
+    spec: JobSpec, keys: Mapping[str, str | None], transport: httpx.AsyncBaseTransport, mock_url: str | None
+) -> list[Route]:
+    clients: dict[str, ChatClient] = {}
+    states: dict[str, EndpointState] = {}
+    routes = []
+    for r in spec.routes:
+        ep = spec.endpoints[r.endpoint]
+        base_url = mock_url if ep.is_mock and mock_url else ep.base_url
+        if r.endpoint not in clients:
+            clients[r.endpoint] = ChatClient(
+                ep, base_url=base_url, api_key=keys.get(r.endpoint), retry=spec.retry, transport=transport
+            )
+            states[r.endpoint] = EndpointState(r.endpoint)
+        routes.append(
+            Route(
+                spec=r,
+                client=clients[r.endpoint],
+                limiter=RouteLimiter(r.limits),
+                endpoint=states[r.endpoint],
+                base_url=base_url,
+                provider=ep.provider,
+            )
+        )
+    return routes
+
+
+async def _dispatch(
+    store: Store,
+    run_id: str,
+    states: tuple[str, ...],
+    worker: Worker,
+    recorder: Recorder,
+    counters: Counters,
+    display: Display | None,
+    handle_signals: bool,
+) -> bool:
+    """Feeder, workers, recorder, progress. Returns True if interrupted by a signal."""
+    n_workers = max(1, min(10_000, sum(r.limiter.limits.concurrency for r in worker.routes)))
+    task_send, task_recv = anyio.create_memory_object_stream[Task](n_workers)
+    out_send, out_recv = anyio.create_memory_object_stream[Outcome](n_workers * 2)
+    interrupted = False
+    recorder_done = anyio.Event()
+
+    async def feeder(send: ObjectSendStream[Task]) -> None:
+        async with send:
+            after = -1
+            while True:
+                page = await store.pending_page(run_id, after, FEED_PAGE, states)
+                if not page:
+                    return
+                for seq, cid, body, record, n_prior in page:
+                    if not worker.usable():
+                        return
+                    task = Task(
+                        seq=seq,
+                        custom_id=cid,
+                        body=orjson.loads(body),
+                        record=None if record is None else orjson.loads(record),
+                        prior_attempts=n_prior,
+                    )
+                    await send.send(task)
+                after = page[-1][0]
+
+    async def work(recv: ObjectReceiveStream[Task], send: ObjectSendStream[Outcome]) -> None:
+        async with recv, send:
+            async for task in recv:
+                outcome = await worker.process(task)
+                await send.send(outcome)
+
+    async def record() -> None:
+        try:
+            await recorder.run(out_recv)
+        finally:
+            recorder_done.set()
+
+    async def show() -> None:
+        if display is None:
+            return
+        while True:
+            await anyio.sleep(display.interval)
+            counters.in_flight = sum(r.limiter.in_flight for r in worker.routes)
+            display.update(counters)
+
+    async def watch_signals(scope: anyio.CancelScope) -> None:
+        nonlocal interrupted
+        try:
+            receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            return
+        with receiver as signals:
+            async for _ in signals:
+                interrupted = True
+                log.warning("stopping: in-flight requests are abandoned and stay pending for the resume")
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(record)
+        outer.start_soon(show)
+        async with anyio.create_task_group() as dispatch:
+            if handle_signals:
+                outer.start_soon(watch_signals, dispatch.cancel_scope)
+            dispatch.start_soon(feeder, task_send)
+            async with task_recv, out_send:
+                for _ in range(n_workers):
+                    dispatch.start_soon(work, task_recv.clone(), out_send.clone())
+        # Every outcome sender is closed now: the recorder drains and stops.
+        await recorder_done.wait()
+        outer.cancel_scope.cancel()
+    if display is not None:
+        counters.in_flight = 0
+        display.close(counters)
+    return interrupted
+
+
+async def _write_results(
+    store: Store, run_id: str, out_dir: Path, keep: tuple[str, ...] | None, states: tuple[str, ...] | list[str]
+) -> None:
+    """Rebuild results.parquet from the database (requests in ``states``)."""
+    path = out_dir / "results.parquet"
+    sts = tuple(states)
+    if not sts:
+        path.unlink(missing_ok=True)
+        return
+    await write_parquet(
+        store.iter_results(run_id, states=sts),
+        path,
+        keep_columns=keep,
+        typing_pages=store.iter_results(run_id, states=sts),
+    )

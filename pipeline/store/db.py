@@ -1,0 +1,415 @@
+"""The store: opens the database, migrates it, and holds every query the pipeline makes.
+
+SQLAlchemy 2 Core on an async engine (aiosqlite by default; any async URL, e.g.
+``postgresql+asyncpg://``). SQLite runs in WAL mode with a busy timeout. SQLAlchemy's
+exceptions do not leave this module: they become :class:`~pipeline.errors.StorageError`
+with a message a user can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, and_, bindparam, case, event, func, insert, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from pipeline.errors import StorageError
+from pipeline.pricing import picousd
+from pipeline.records import Attempt, Outcome
+from pipeline.store.schema import attempt, completion, request, run
+
+__all__ = ["Store", "migrations_dir", "utcnow"]
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the one time convention of the database."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def migrations_dir() -> Path:
+    """``migrations/`` in a checkout, or its copy inside an installed wheel."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise StorageError("cannot find the migrations folder (is the package installed completely?)")
+
+
+def _explain(exc: BaseException, url: str) -> str:
+    text_ = str(getattr(exc, "orig", None) or exc)
+    low = text_.lower()
+    where = url.split("///", 1)[-1] if url.startswith("sqlite") else url.split("@")[-1]
+    if "locked" in low or "busy" in low:
+        return f"database {where} is locked by another process (is another run using it?)"
+    if "readonly" in low or "read-only" in low:
+        return f"database {where} is read-only: check the file's permissions"
+    if "disk" in low and "full" in low or "no space" in low:
+        return f"database {where}: the disk is full"
+    if "unable to open" in low:
+        return f"cannot open database {where}: does its folder exist and is it writable?"
+    return f"database {where}: {text_.splitlines()[0] if text_ else type(exc).__name__}"
+
+
+class Store:
+    """One database. Writes come from one task at a time (the recorder, or setup code)."""
+
+    def __init__(self, engine: AsyncEngine, url: str) -> None:
+        self.engine = engine
+        self.url = url
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, url: str, *, migrate: bool = True) -> Store:
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                parent = Path(path).parent
+                if not parent.exists():
+                    raise StorageError(f"cannot create database {path}: folder {parent} does not exist")
+        try:
+            engine = create_async_engine(url)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise StorageError(f"cannot use database URL: {exc}") from None
+        if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        store = cls(engine, url)
+        if migrate:
+            await store.migrate()
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _conn(self, *, write: bool = True) -> AsyncIterator[AsyncConnection]:
+        try:
+            if write:
+                async with self.engine.begin() as conn:
+                    yield conn
+            else:
+                async with self.engine.connect() as conn:
+                    yield conn
+        except SQLAlchemyError as exc:
+            raise StorageError(_explain(exc, self.url)) from exc
+        except OSError as exc:
+            raise StorageError(_explain(exc, self.url)) from exc
+
+    async def migrate(self) -> str:
+        """Upgrade to the newest revision; returns it."""
+        from alembic import command
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(migrations_dir()))
+        cfg.set_main_option("sqlalchemy.url", self.url)
+
+        def upgrade(connection: Connection) -> None:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
+
+        async with self._conn() as conn:
+            await conn.run_sync(upgrade)
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        return head or ""
+
+    # -- runs --------------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        async with self._conn(write=False) as conn:
+            row = (await conn.execute(select(run).where(run.c.run_id == run_id))).mappings().first()
+        return dict(row) if row else None
+
+    async def latest_run_id(self) -> str | None:
+        async with self._conn(write=False) as conn:
+            q = select(run.c.run_id).order_by(run.c.created_at.desc(), run.c.run_id.desc()).limit(1)
+            return (await conn.execute(q)).scalar()
+
+    async def list_runs(self) -> list[dict[str, Any]]:
+        async with self._conn(write=False) as conn:
+            rows = (await conn.execute(select(run).order_by(run.c.created_at))).mappings().all()
+        return [dict(r) for r in rows]
+
+    async def create_run(self, **values: Any) -> None:
+        async with self._conn() as conn:
+            await conn.execute(insert(run).values(created_at=utcnow(), loaded=False, **values))
+
+    async def update_run(self, run_id: str, **values: Any) -> None:
+        async with self._conn() as conn:
+            await conn.execute(update(run).where(run.c.run_id == run_id).values(**values))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def load_requests(
+        self, run_id: str, batches: AsyncIterator[Sequence[Mapping[str, Any]]], input_rows: int | None = None
+    ) -> int:
+        """Insert every request of a run in ONE transaction, then mark the run loaded.
+
+        If the iterator raises (a bad row), nothing is written: the transaction rolls back.
+        """
+        n = 0
+        async with self._conn() as conn:
+            async for batch in batches:
+                if batch:
+                    await conn.execute(insert(request), [dict(b, run_id=run_id) for b in batch])
+                    n += len(batch)
+            await conn.execute(
+                update(run).where(run.c.run_id == run_id).values(loaded=True, input_rows=input_rows or n)
+            )
+        return n
+
+    async def pending_page(
+        self, run_id: str, after_seq: int, limit: int, states: Sequence[str] = ("pending",)
+    ) -> list[tuple[int, str, str, str | None, int]]:
+        """Up to ``limit`` requests to send, in input order after ``after_seq``."""
+        q = (
+            select(request.c.seq, request.c.custom_id, request.c.body, request.c.record, request.c.attempts)
+            .where(request.c.run_id == run_id, request.c.state.in_(states), request.c.seq > after_seq)
+            .order_by(request.c.seq)
+            .limit(limit)
+        )
+        async with self._conn(write=False) as conn:
+            return [tuple(r) for r in (await conn.execute(q)).all()]  # type: ignore[misc]
+
+    async def record_outcomes(self, run_id: str, outcomes: Sequence[Outcome]) -> None:
+        """One transaction for a batch of finished requests: attempts, completions, states."""
+        attempt_rows: list[dict[str, Any]] = []
+        completion_rows: list[dict[str, Any]] = []
+        request_rows: list[dict[str, Any]] = []
+        for o in outcomes:
+            cost = reported = None
+            for a in o.attempts:
+                attempt_rows.append(_attempt_row(run_id, o.custom_id, a))
+                if a.completion is not None:
+                    completion_rows.append(_completion_row(run_id, o.custom_id, a))
+                if a.cost_picousd is not None:
+                    cost = (cost or 0) + a.cost_picousd
+                rc = a.usage.reported_cost if a.usage is not None else None
+                if rc is not None:
+                    reported = (reported or 0) + picousd(rc)
+            final = o.final
+            request_rows.append(
+                {
+                    "b_run_id": run_id,
+                    "b_custom_id": o.custom_id,
+                    "b_state": o.state,
+                    "b_n": len(o.attempts),
+                    "b_final": final.attempt_no if final else None,
+                    "b_error": o.error,
+                    "b_cost": cost,
+                    "b_reported": reported,
+                    "b_finished": utcnow() if o.state != "pending" else None,
+                }
+            )
+        upd = (
+            update(request)
+            .where(and_(request.c.run_id == bindparam("b_run_id"), request.c.custom_id == bindparam("b_custom_id")))
+            .values(
+                state=bindparam("b_state"),
+                attempts=request.c.attempts + bindparam("b_n"),
+                final_attempt_no=func.coalesce(bindparam("b_final"), request.c.final_attempt_no),
+                error=bindparam("b_error"),
+                cost_picousd=_add_nullable(request.c.cost_picousd, bindparam("b_cost")),
+                reported_cost_picousd=_add_nullable(request.c.reported_cost_picousd, bindparam("b_reported")),
+                finished_at=bindparam("b_finished"),
+            )
+        )
+        async with self._conn() as conn:
+            if attempt_rows:
+                await conn.execute(insert(attempt), attempt_rows)
+            if completion_rows:
+                await conn.execute(insert(completion), completion_rows)
+            if request_rows:
+                await conn.execute(upd.execution_options(synchronize_session=False), request_rows)
+
+    async def reject_rows(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        async with self._conn() as conn:
+            await conn.execute(insert(request), [dict(r, run_id=run_id) for r in rows])
+
+    # -- reading back ------------------------------------------------------------------------
+
+    async def state_counts(self, run_id: str) -> dict[str, int]:
+        q = select(request.c.state, func.count()).where(request.c.run_id == run_id).group_by(request.c.state)
+        async with self._conn(write=False) as conn:
+            return {s: int(n) for s, n in (await conn.execute(q)).all()}
+
+    async def usage_totals(self, run_id: str) -> dict[str, int | None]:
+        q = select(
+            func.count().label("attempts"),
+            func.sum(attempt.c.prompt_tokens).label("prompt_tokens"),
+            func.sum(attempt.c.completion_tokens).label("completion_tokens"),
+            func.sum(attempt.c.cached_tokens).label("cached_tokens"),
+            func.sum(attempt.c.reasoning_tokens).label("reasoning_tokens"),
+            func.sum(attempt.c.cost_picousd).label("cost_picousd"),
+            func.sum(attempt.c.reported_cost_picousd).label("reported_cost_picousd"),
+            func.sum(case((attempt.c.cost_picousd.is_(None) & attempt.c.total_tokens.is_not(None), 1), else_=0)).label(
+                "unpriced_attempts"
+            ),
+        ).where(attempt.c.run_id == run_id)
+        async with self._conn(write=False) as conn:
+            row = (await conn.execute(q)).mappings().one()
+        return {k: (None if v is None else int(v)) for k, v in row.items()}
+
+    async def iter_results(
+        self, run_id: str, *, states: Sequence[str] | None = None, page: int = 2000
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Pages of one row per request (final attempt, completion, usage), in input order."""
+        a, c, r = attempt, completion, request
+        cols = [
+            r.c.seq,
+            r.c.custom_id,
+            r.c.state,
+            r.c.attempts,
+            r.c.error,
+            r.c.record,
+            r.c.cost_picousd,
+            r.c.reported_cost_picousd,
+            a.c.endpoint,
+            a.c.model,
+            a.c.http_status,
+            a.c.provider_request_id,
+            a.c.error_class,
+            a.c.prompt_tokens,
+            a.c.completion_tokens,
+            a.c.total_tokens,
+            a.c.cached_tokens,
+            a.c.reasoning_tokens,
+            c.c.response_id,
+            c.c.model.label("response_model"),
+            c.c.finish_reason,
+            c.c.content,
+            c.c.reasoning,
+            c.c.refusal,
+            c.c.tool_calls,
+            c.c.raw,
+        ]
+        joined = r.outerjoin(
+            a,
+            and_(a.c.run_id == r.c.run_id, a.c.custom_id == r.c.custom_id, a.c.attempt_no == r.c.final_attempt_no),
+        ).outerjoin(c, and_(c.c.run_id == a.c.run_id, c.c.custom_id == a.c.custom_id, c.c.attempt_no == a.c.attempt_no))
+        after = -1
+        while True:
+            q = select(*cols).select_from(joined).where(r.c.run_id == run_id, r.c.seq > after)
+            if states is not None:
+                q = q.where(r.c.state.in_(states))
+            q = q.order_by(r.c.seq).limit(page)
+            async with self._conn(write=False) as conn:
+                rows = [dict(m) for m in (await conn.execute(q)).mappings().all()]
+            if not rows:
+                return
+            yield rows
+            after = rows[-1]["seq"]
+
+    async def execute_text(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """A read-only query for reports."""
+        async with self._conn(write=False) as conn:
+            return [dict(m) for m in (await conn.execute(text(sql), dict(params or {}))).mappings().all()]
+
+
+def _add_nullable(col: Any, value: Any) -> Any:
+    """col + value where NULL means "nothing yet"; NULL + NULL stays NULL."""
+    return case((value.is_(None), col), else_=func.coalesce(col, 0) + value)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _attempt_row(run_id: str, custom_id: str, a: Attempt) -> dict[str, Any]:
+    u = a.usage
+    rc = up = None
+    if u is not None and (u.reported_cost is not None or u.upstream_cost is not None):
+        rc = None if u.reported_cost is None else picousd(u.reported_cost)
+        up = None if u.upstream_cost is None else picousd(u.upstream_cost)
+    return {
+        "run_id": run_id,
+        "custom_id": custom_id,
+        "attempt_no": a.attempt_no,
+        "endpoint": a.endpoint,
+        "base_url": a.base_url,
+        "model": a.model,
+        "started_at": a.started_at,
+        "latency_ms": a.latency_ms,
+        "http_status": a.http_status,
+        "outcome": a.outcome,
+        "error_class": a.error_class,
+        "error_message": a.error_message,
+        "retry_after_s": a.retry_after_s,
+        "wait_s": a.wait_s,
+        "provider_request_id": a.provider_request_id,
+        "prompt_tokens": None if u is None else u.prompt,
+        "completion_tokens": None if u is None else u.completion,
+        "total_tokens": None if u is None else u.total,
+        "cached_tokens": None if u is None else u.cached,
+        "cache_write_tokens": None if u is None else u.cache_write,
+        "reasoning_tokens": None if u is None else u.reasoning,
+        "audio_prompt_tokens": None if u is None else u.audio_prompt,
+        "audio_completion_tokens": None if u is None else u.audio_completion,
+        "accepted_prediction_tokens": None if u is None else u.accepted_prediction,
+        "rejected_prediction_tokens": None if u is None else u.rejected_prediction,
+        "usage_estimated": None if u is None else u.estimated,
+        "usage_json": None if u is None or u.raw is None else orjson.dumps(u.raw).decode(),
+        "cost_picousd": a.cost_picousd,
+        "cost_source": a.cost_source,
+        "cost_note": a.cost_note,
+        "reported_cost_picousd": rc,
+        "upstream_cost_picousd": up,
+    }
+
+
+def _completion_row(run_id: str, custom_id: str, a: Attempt) -> dict[str, Any]:
+    c = a.completion
+    assert c is not None
+    first = c.first
+    return {
+        "run_id": run_id,
+        "custom_id": custom_id,
+        "attempt_no": a.attempt_no,
+        "response_id": c.response_id,
+        "model": c.model,
+        "provider": c.provider,
+        "system_fingerprint": c.system_fingerprint,
+        "finish_reason": first.finish_reason,
+        "content": first.content,
+        "reasoning": first.reasoning,
+        "refusal": first.refusal,
+        "tool_calls": None if first.tool_calls is None else orjson.dumps(first.tool_calls).decode(),
+        "choices_json": None
+        if len(c.choices) < 2
+        else orjson.dumps([_choice_dict(ch) for ch in c.choices]).decode(),
+        "raw": c.raw.decode("utf-8", "replace"),
+    }
+
+
+def _choice_dict(ch: Any) -> dict[str, Any]:
+    return {
+        "index": ch.index,
+        "finish_reason": ch.finish_reason,
+        "content": ch.content,
+        "reasoning": ch.reasoning,
+        "refusal": ch.refusal,
+        "tool_calls": ch.tool_calls,
+    }
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

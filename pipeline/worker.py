@@ -1,0 +1,232 @@
+"""One request's walk along its fallback chain: limits -> client -> policy -> next route.
+
+On each route, tenacity repeats the attempt while the classification table says *retry*
+(waiting the server's ``Retry-After`` or an exponential backoff with full jitter), up to the
+per-route and per-request caps. *fallback* (or retries spent) moves to the next route;
+*fail* ends the request; *stop_endpoint* takes the whole endpoint out of service for the
+run. Every attempt is kept for the recorder; nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from pipeline.client import ChatClient
+from pipeline.errors import InvalidResponse, RateLimited, RequestError
+from pipeline.inputs import estimate_prompt_tokens
+from pipeline.limits import RouteLimiter
+from pipeline.policy import Action, classify, retry_delay
+from pipeline.pricing import PriceBook
+from pipeline.records import Attempt, Completion, Outcome
+from pipeline.spec import PolicySpec, RetrySpec, RouteSpec
+from pipeline.store.db import utcnow
+
+__all__ = ["EndpointState", "Route", "Task", "Worker"]
+
+DEFAULT_OUTPUT_RESERVE = 1024  # tokens reserved for the answer when max_tokens is unset
+
+
+@dataclass
+class EndpointState:
+    """Shared by every route of one endpoint: once it refuses us, nobody sends to it."""
+
+    name: str
+    stopped: str | None = None  # the reason, once stopped
+    rule: str | None = None
+
+
+@dataclass
+class Route:
+    spec: RouteSpec
+    client: ChatClient
+    limiter: RouteLimiter
+    endpoint: EndpointState
+    base_url: str
+    provider: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A request handed to a worker."""
+
+    seq: int
+    custom_id: str
+    body: dict[str, Any]
+    record: dict[str, Any] | None = None
+    prior_attempts: int = 0  # attempts recorded by earlier sessions of the run
+
+
+@dataclass
+class _Walk:
+    task: Task
+    attempts: list[Attempt] = field(default_factory=list)
+    tokens: int = 0
+
+    @property
+    def next_no(self) -> int:
+        return self.task.prior_attempts + len(self.attempts) + 1
+
+
+class Worker:
+    """Processes tasks; holds no per-request state between calls."""
+
+    def __init__(
+        self,
+        routes: list[Route],
+        *,
+        retry: RetrySpec,
+        policy: PolicySpec,
+        prices: PriceBook,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.routes = routes
+        self.retry = retry
+        self.policy = policy
+        self.prices = prices
+        self._sleep = sleep
+
+    def usable(self) -> bool:
+        """Is any route still open? (False once every endpoint refused us.)"""
+        return any(r.endpoint.stopped is None for r in self.routes)
+
+    async def process(self, task: Task) -> Outcome:
+        walk = _Walk(task)
+        body = task.body
+        out_reserve = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_OUTPUT_RESERVE
+        walk.tokens = estimate_prompt_tokens(body) + int(out_reserve) * int(body.get("n") or 1)
+        last_error: str | None = None
+        with anyio.move_on_after(self.retry.deadline_s) as deadline:
+            for route in self.routes:
+                if route.endpoint.stopped is not None:
+                    continue
+                if len(walk.attempts) >= self.retry.max_attempts_per_request:
+                    break
+                action, message = await self._on_route(route, walk)
+                if action is None:
+                    return self._outcome(walk, "succeeded")
+                last_error = message
+                if action is Action.FAIL:
+                    return self._outcome(walk, "failed", message)
+                # RETRY with retries spent, FALLBACK, STOP_ENDPOINT: on to the next route
+        if deadline.cancelled_caught:
+            if walk.attempts and walk.attempts[-1].outcome == "pending":
+                walk.attempts[-1].outcome = "deadline"
+                walk.attempts[-1].error_class = "deadline"
+                walk.attempts[-1].error_message = "request deadline reached during the attempt"
+            return self._outcome(walk, "failed", f"deadline of {self.retry.deadline_s:g}s exceeded")
+        if not walk.attempts or (
+            walk.attempts[-1].outcome == Action.STOP_ENDPOINT and not self.usable()
+        ):
+            # Not the request's fault: every endpoint refused us. Leave it for a later run.
+            return self._outcome(walk, "pending", last_error)
+        return self._outcome(walk, "failed", last_error or "every route failed")
+
+    def _outcome(self, walk: _Walk, state: str, error: str | None = None) -> Outcome:
+        t = walk.task
+        return Outcome(
+            seq=t.seq,
+            custom_id=t.custom_id,
+            state=state,
+            attempts=walk.attempts,
+            error=error,
+            record=t.record,
+            prior_attempts=t.prior_attempts,
+        )
+
+    async def _on_route(self, route: Route, walk: _Walk) -> tuple[Action | None, str | None]:
+        """Attempts on one route. (None, None) on success, else (the final action, message)."""
+        start = len(walk.attempts)
+
+        def stop(rs: RetryCallState) -> bool:
+            return (
+                len(walk.attempts) - start >= self.retry.max_attempts_per_route
+                or len(walk.attempts) >= self.retry.max_attempts_per_request
+                or route.endpoint.stopped is not None
+            )
+
+        def wait(rs: RetryCallState) -> float:
+            exc = rs.outcome.exception() if rs.outcome else None
+            delay = retry_delay(exc, len(walk.attempts) - start, self.retry)
+            walk.attempts[-1].wait_s = delay
+            if isinstance(exc, RateLimited):
+                route.limiter.cool_down(delay)
+            return delay
+
+        retrying = AsyncRetrying(
+            stop=stop,
+            wait=wait,
+            retry=retry_if_exception(
+                lambda e: isinstance(e, RequestError) and classify(e, self.policy).action is Action.RETRY
+            ),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._attempt(route, walk)
+        except RequestError as exc:
+            verdict = classify(exc, self.policy)
+            if verdict.action is Action.STOP_ENDPOINT and route.endpoint.stopped is None:
+                route.endpoint.stopped = f"endpoint {route.endpoint.name} ({route.base_url}): {exc.message}"
+                route.endpoint.rule = verdict.rule
+            if verdict.action is Action.RETRY:
+                walk.attempts[-1].outcome = "retries_spent"
+            return verdict.action, exc.message
+        return None, None
+
+    async def _attempt(self, route: Route, walk: _Walk) -> Completion:
+        a = Attempt(
+            attempt_no=walk.next_no,
+            endpoint=route.spec.endpoint,
+            base_url=route.base_url,
+            model=route.spec.model,
+            started_at=utcnow(),
+        )
+        walk.attempts.append(a)
+        async with route.limiter.slot(walk.tokens) as permit:
+            a.started_at = utcnow()
+            t0 = time.perf_counter()
+            try:
+                completion, status = await route.client.complete(route.spec.model, walk.task.body)
+                a.latency_ms = (time.perf_counter() - t0) * 1000.0
+                a.http_status = status
+                self._keep(route, a, completion)
+                permit.settle(completion.usage.total if completion.usage else None)
+                if completion.first.finish_reason == "content_filter" and self.policy.content_filter != "accept":
+                    err = InvalidResponse("the provider's content filter stopped the answer", code="content_filter")
+                    err.completion = completion
+                    raise err
+            except RequestError as exc:
+                if a.latency_ms is None:
+                    a.latency_ms = (time.perf_counter() - t0) * 1000.0
+                self._fail(route, a, exc)
+                if isinstance(exc, RateLimited):
+                    permit.settle(0)  # a 429 consumed nothing
+                raise
+        a.outcome = "success"
+        return completion
+
+    def _keep(self, route: Route, a: Attempt, completion: Completion) -> None:
+        a.completion = completion
+        a.usage = completion.usage
+        a.provider_request_id = completion.provider_request_id
+        cost = self.prices.cost(route.spec.model, completion.usage, provider=route.provider, at=a.started_at)
+        a.cost_picousd, a.cost_source, a.cost_note = cost.picousd, cost.source, cost.note
+
+    def _fail(self, route: Route, a: Attempt, exc: RequestError) -> None:
+        verdict = classify(exc, self.policy)
+        a.outcome = verdict.action.value
+        a.error_class = verdict.rule
+        a.error_message = exc.message[:2000]
+        a.http_status = exc.status if exc.status is not None else a.http_status
+        a.retry_after_s = exc.retry_after
+        a.provider_request_id = exc.provider_request_id
+        if exc.completion is not None and a.completion is None:
+            self._keep(route, a, exc.completion)
