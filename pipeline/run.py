@@ -89,13 +89,14 @@ async def execute(
     )
     input_hash = await anyio.to_thread.run_sync(file_sha256, spec.input.path)
     run_id = spec.run_id or spec.job
-    if spec.new_run:
-        run_id = f"{run_id}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
 
     async with AsyncExitStack() as stack:
         store = await Store.open(spec.db_url)
         stack.push_async_callback(store.close)
         existing = await store.get_run(run_id)
+        if spec.new_run and existing is not None:
+            run_id = await _fresh_run_id(store, run_id)
+            existing = None
         if existing is not None and existing["job"] != spec.job:
             raise RunStateError(f"run id {run_id!r} belongs to job {existing['job']!r}; choose another --run-id")
         if existing is not None and existing["loaded"] and existing["input_sha256"] != input_hash:
@@ -168,6 +169,15 @@ async def execute(
             totals=totals,
         )
     raise AssertionError("unreachable")  # pragma: no cover (AsyncExitStack does not swallow)
+
+
+async def _fresh_run_id(store: Store, base: str) -> str:
+    stamp = f"{base}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    candidate, n = stamp, 1
+    while await store.get_run(candidate) is not None:
+        n += 1
+        candidate = f"{stamp}-{n}"
+    return candidate
 
 
 def _verdict(counts: Mapping[str, int], interrupted: bool, worker: Worker) -> tuple[str, int, str]:

@@ -51,9 +51,11 @@ class _Faker:
         self.root = root
         self.rng = random.Random(seed)
 
-    def make(self, schema: Mapping[str, Any] | bool, depth: int) -> Any:
+    def make(self, schema: object, depth: int) -> Any:
         if schema is True or schema is False:
             return "mock" if schema else None
+        if not isinstance(schema, Mapping):  # not a schema at all: anything goes
+            return "mock"
         schema = self._flatten(schema)
         if "const" in schema:
             return schema["const"]

@@ -15,7 +15,12 @@ Endpoints (each also without the ``/v1`` prefix):
 * ``GET /mock/stats`` and ``POST /mock/reset``: for tests and benchmarks.
 
 Answers are deterministic: the content depends only on the messages (and the choice index),
-so the same request gives the same text, streamed or not. Token counts are estimates:
+so the same request gives the same text, streamed or not. A ``json_schema`` response format
+gets JSON valid against its schema (see :mod:`pipeline.mock.schema_fake`), ``json_object``
+gets ``{"answer": ...}``, and a ``tool_choice`` of ``"required"`` (the first tool) or naming a
+function gets a ``tool_calls`` answer whose arguments match the function's parameters.
+
+Token counts are estimates:
 ``prompt_tokens = ceil(chars of message text / 4) + 3 per message`` and
 ``completion_tokens = ceil(len(content) / 4)`` per choice, plus the configured reasoning
 tokens. With ``report_cost`` the usage carries an OpenRouter-style ``cost`` in USD at the
@@ -23,9 +28,16 @@ toy prices :data:`PRICE_INPUT_PER_MTOK` (uncached prompt tokens),
 :data:`PRICE_CACHED_INPUT_PER_MTOK` (cached prompt tokens) and
 :data:`PRICE_OUTPUT_PER_MTOK` (completion tokens, reasoning included), per million tokens.
 
+Rate limits use a real sliding 60 s window over accepted requests (tokens counted as the
+prompt estimate plus ``n * max_tokens``, or the answer's tokens when no maximum is given).
+``Retry-After`` says when the request could next succeed; ``x-ratelimit-reset-*`` says when
+the window will be empty again ("resets to its initial state", as OpenAI documents it).
+
 The server is aiohttp's low-level :class:`aiohttp.web.Server` with no access log; JSON goes
 through orjson. All state lives on the server's event loop; :class:`MockServer` reads and
-resets it from other threads by scheduling the work on that loop.
+resets it from other threads by scheduling the work on that loop. For benchmarks, run the
+server in its own process (``pipeline mock-server``): in a thread of the measuring process it
+shares the GIL with the client under test.
 """
 
 from __future__ import annotations
@@ -96,7 +108,18 @@ _INVALID_SSE = b'data: {"id": "chatcmpl-broken", "object": "chat.completion.chun
 
 @dataclass(frozen=True)
 class MockConfig:
-    """How the mock provider behaves. All faults are off and all limits open by default."""
+    """How the mock provider behaves. All faults are off and all limits open by default.
+
+    ``port`` 0 picks a free port. ``latency_ms`` (+ uniform ``0..jitter_ms``) is slept before
+    each answer. ``rpm`` / ``tpm`` (0 = unlimited) are sliding 60 s windows answering 429.
+    ``rate_429`` / ``rate_500`` / ``rate_invalid_json`` are probabilities (one seeded draw per
+    request, so they must add up to at most 1). ``fail_first`` fails the first N sightings of
+    each distinct request body with ``fail_status`` (0 = a 200 with invalid JSON).
+    ``retry_after_s`` is sent on injected 429s. ``models`` None accepts any model name.
+    ``api_key`` requires ``Authorization: Bearer <key>``. ``seed`` seeds the fault and jitter
+    draws. ``reasoning_tokens`` (per choice) and ``cached_tokens`` shape the usage;
+    ``report_cost`` adds ``usage.cost`` at the module's toy prices.
+    """
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -307,7 +330,8 @@ def _forced_tool(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
         )
     if choice == "required":
         return functions[0]
-    wanted = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    named = choice.get("function") if isinstance(choice, dict) else None
+    wanted = named.get("name") if isinstance(named, dict) else None
     for function in functions:
         if function.get("name") == wanted:
             return function
@@ -439,16 +463,22 @@ def _draft(chat: _Chat, h: int) -> str:
     sentence = _SENTENCES[h % len(_SENTENCES)]
     if chat.tool is not None:
         params = chat.tool.get("parameters")
-        tool_schema = params if isinstance(params, dict) else {"type": "object"}
-        return orjson.dumps(fake_instance(tool_schema, h)).decode()
+        return _fake_json(params if isinstance(params, dict) else {"type": "object"}, h, "tools")
     fmt = chat.response_format
     if fmt is not None and fmt.get("type") == "json_schema":
         spec = fmt.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
-        return orjson.dumps(fake_instance(schema if isinstance(schema, dict) else {}, h)).decode()
+        return _fake_json(schema if isinstance(schema, dict) else {}, h, "response_format")
     if fmt is not None:
         return orjson.dumps({"answer": sentence}).decode()
     return f"Mock answer {h >> 32:08x}: {sentence}"
+
+
+def _fake_json(schema: dict[str, Any], h: int, param: str) -> str:
+    try:
+        return orjson.dumps(fake_instance(schema, h)).decode()
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise _bad_request(f"Invalid schema in '{param}': {type(exc).__name__}.", param) from exc
 
 
 def _reasoning_text(h: int) -> str:
@@ -583,11 +613,12 @@ def _pieces(text: str) -> Iterator[str]:
 
 def _duration(seconds: float) -> str:
     """OpenAI's duration format: ``120ms``, ``1.2s``, ``6m0s``, ``1h2m3s``."""
+    seconds = round(seconds, 3)
     if seconds < 1.0:
         return f"{max(0, math.ceil(seconds * 1000))}ms"
     hours, rest = divmod(seconds, 3600.0)
     minutes, secs = divmod(rest, 60.0)
-    text = f"{round(secs, 3):.3f}".rstrip("0").rstrip(".") + "s"
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
     if hours:
         return f"{int(hours)}h{int(minutes)}m{text}"
     return f"{int(minutes)}m{text}" if minutes else text
@@ -784,11 +815,12 @@ class _Provider:
         except _Fail as fail:
             return self._fail_response(fail, started)
         answer = self._new_answer(chat)
+        completion = _completion(answer, plan, self.config) if chat.store or not chat.stream else {}
         if chat.store:
-            self._store(chat, _completion(answer, plan, self.config))
+            self._store(chat, completion)
         if chat.stream:
             return await self._stream(request, chat, plan, answer, started)
-        body = orjson.dumps(_completion(answer, plan, self.config))
+        body = orjson.dumps(completion)
         self._count(200)
         self.state.completions += 1
         return web.Response(body=body, headers=self._headers(started), content_type=_JSON)
@@ -1158,7 +1190,10 @@ class MockServer:
             except BaseException as exc:  # handed to the caller's thread
                 future.set_exception(exc)
 
-        loop.call_soon_threadsafe(call)
+        try:
+            loop.call_soon_threadsafe(call)
+        except RuntimeError:  # the loop closed meanwhile: nothing else touches the state
+            return work()
         return future.result(timeout=30)
 
     def _run(self) -> None:
@@ -1172,7 +1207,10 @@ class MockServer:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        await _serve(self._state, self._on_ready, self._stop.wait)
+        try:
+            await _serve(self._state, self._on_ready, self._stop.wait)
+        finally:
+            self._loop = None
 
     def _on_ready(self, port: int) -> None:
         self._port = port
