@@ -59,7 +59,12 @@ def main() -> None:
 
 def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.option("--input", "input_path", type=click.Path(path_type=Path), help="JSONL or Parquet input file."),
+        click.option(
+            "--input",
+            "input_path",
+            type=click.Path(path_type=Path),
+            help="JSONL or Parquet input file.",
+        ),
         click.option("--base-url", help="Endpoint base URL, e.g. https://api.openai.com/v1 (or 'mock')."),
         click.option(
             "--api-key-env",
@@ -68,7 +73,11 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--model", help="Primary model."),
         click.option("--fallback", "fallbacks", multiple=True, help="Fallback model, in order (repeatable)."),
-        click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute per route (0 = no limit)."),
+        click.option(
+            "--rpm",
+            type=click.IntRange(min=0),
+            help="Requests per minute per route (0 = no limit).",
+        ),
         click.option("--tpm", type=click.IntRange(min=0), help="Tokens per minute per route (0 = no limit)."),
         click.option("--concurrency", type=click.IntRange(min=1), help="Requests in flight per route."),
         click.option("--db", help="SQLite file or database URL (default pipeline.db)."),
@@ -92,7 +101,16 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
     ov: dict[str, Any] = {}
     if kw.get("input_path") is not None:
         ov["input"] = {"path": str(kw["input_path"])}
-    for key in ("base_url", "api_key_env", "model", "db", "run_id", "job", "on_bad_row", "budget_usd"):
+    for key in (
+        "base_url",
+        "api_key_env",
+        "model",
+        "db",
+        "run_id",
+        "job",
+        "on_bad_row",
+        "budget_usd",
+    ):
         if kw.get(key) is not None:
             ov[key] = kw[key]
     if kw.get("fallbacks"):
@@ -194,7 +212,13 @@ def export(run_id: str, db: str, fmt: str, output: Path | None) -> None:
 @click.option("--db", default="pipeline.db", show_default=True, help="SQLite file or database URL.")
 @click.option("--by", type=click.Choice(["model", "day", "run", "route"]), default="model", show_default=True)
 @click.option("--since", metavar="YYYY-MM-DD", help="Only attempts from this day on.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
 def report(db: str, by: str, since: str | None, fmt: str) -> None:
     """Cost and token audit from the database, every attempt counted."""
     from pipeline import reports
@@ -224,17 +248,30 @@ def report(db: str, by: str, since: str | None, fmt: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True, help="0 picks a free port.")
 @click.option("--latency-ms", type=float, default=0.0, show_default=True)
-@click.option("--rpm", type=click.IntRange(min=0), default=0, help="Requests per minute before 429 (0 = none).")
+@click.option(
+    "--rpm",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Requests per minute before 429 (0 = none).",
+)
 @click.option("--tpm", type=click.IntRange(min=0), default=0, help="Tokens per minute before 429 (0 = none).")
 @click.option("--rate-429", type=click.FloatRange(0, 1), default=0.0, help="Share of random 429s.")
 @click.option("--rate-500", type=click.FloatRange(0, 1), default=0.0, help="Share of random 500s.")
-@click.option("--rate-invalid-json", type=click.FloatRange(0, 1), default=0.0, help="Share of broken 200 bodies.")
-@click.option("--retry-after", type=float, default=1.0, show_default=True, help="Retry-After seconds on 429s.")
+@click.option(
+    "--rate-invalid-json",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of broken 200 bodies.",
+)
+@click.option(
+    "--retry-after", type=float, default=1.0, show_default=True, help="Retry-After seconds on 429s."
+)
 @click.option("--api-key", help="Require this bearer key (default: accept any).")
 @click.option("--seed", type=int, default=0)
 def mock_server(**kw: Any) -> None:
     """A local OpenAI-compatible server for demos, tests and benchmarks."""
-    from pipeline.mock import MockConfig, main as serve
+    from pipeline.mock import MockConfig
+    from pipeline.mock import main as serve
 
     serve(
         MockConfig(

@@ -46,7 +46,11 @@ class ChatClient:
         transport: httpx.AsyncBaseTransport,
     ) -> None:
         self.endpoint = endpoint
-        headers = {"user-agent": USER_AGENT, "content-type": "application/json", **dict(endpoint.headers)}
+        headers = {
+            "user-agent": USER_AGENT,
+            "content-type": "application/json",
+            **dict(endpoint.headers),
+        }
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._url = base_url.rstrip("/") + "/chat/completions"
@@ -54,7 +58,10 @@ class ChatClient:
             transport=transport,
             headers=headers,
             timeout=httpx.Timeout(
-                connect=retry.connect_timeout_s, read=retry.read_timeout_s, write=retry.read_timeout_s, pool=None
+                connect=retry.connect_timeout_s,
+                read=retry.read_timeout_s,
+                write=retry.read_timeout_s,
+                pool=None,
             ),
             follow_redirects=False,
         )
@@ -94,7 +101,9 @@ def parse_completion(raw: bytes, *, request_id: str | None = None) -> Completion
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidResponse(
-            f"invalid JSON in a 200 response: {exc}", provider_request_id=request_id, body=_snippet(raw)
+            f"invalid JSON in a 200 response: {exc}",
+            provider_request_id=request_id,
+            body=_snippet(raw),
         ) from None
     if not isinstance(data, dict):
         raise InvalidResponse("a 200 response that is not a JSON object", provider_request_id=request_id)
@@ -105,7 +114,9 @@ def parse_completion(raw: bytes, *, request_id: str | None = None) -> Completion
         status, message, code = _error_fields(data)
         raise _status_error(status or 502, message, code, None, request_id, data)
     if not isinstance(choices_raw, list) or not choices_raw:
-        raise InvalidResponse("a 200 response without choices", provider_request_id=request_id, body=_snippet(raw))
+        raise InvalidResponse(
+            "a 200 response without choices", provider_request_id=request_id, body=_snippet(raw)
+        )
     choices = []
     for i, c in enumerate(choices_raw):
         if not isinstance(c, dict):
@@ -169,7 +180,12 @@ def _status_error(
     headers: dict[str, str] | None = None,
 ) -> HTTPStatusError:
     kw: dict[str, Any] = dict(
-        status=status, code=code, retry_after=retry_after, provider_request_id=request_id, body=body, headers=headers
+        status=status,
+        code=code,
+        retry_after=retry_after,
+        provider_request_id=request_id,
+        body=body,
+        headers=headers,
     )
     text = f"HTTP {status}: {message}"
     if status == 429:
@@ -193,7 +209,10 @@ def _error_fields(data: dict[str, Any]) -> tuple[int | None, str, str | None]:
         message, code_raw = err, data.get("code") or data.get("type")
     elif "detail" in data:
         detail = data["detail"]
-        message, code_raw = (detail if isinstance(detail, str) else orjson.dumps(detail).decode()), None
+        message, code_raw = (
+            (detail if isinstance(detail, str) else orjson.dumps(detail).decode()),
+            None,
+        )
     else:
         message = data.get("message") or orjson.dumps(data).decode()
         code_raw = data.get("code") if not isinstance(data.get("code"), int) else data.get("type")
@@ -241,4 +260,3 @@ def _str(v: Any) -> str | None:
 
 def _snippet(raw: bytes, limit: int = 300) -> str:
     return raw[:limit].decode("utf-8", "replace")
-

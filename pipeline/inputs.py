@@ -220,7 +220,10 @@ class RowSource:
             custom_id = f"row-{seq:08d}-{h[:12]}"
         elif not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_ID_LEN:
             raise InputError(
-                self.path, pos, "custom_id", f"expected a non-empty string of at most {MAX_ID_LEN} characters"
+                self.path,
+                pos,
+                "custom_id",
+                f"expected a non-empty string of at most {MAX_ID_LEN} characters",
             )
         return Row(seq=seq, custom_id=custom_id, body=body, body_hash=h, record=record)
 
@@ -249,7 +252,10 @@ class RowSource:
             role = m.get("role")
             if role not in ROLES:
                 raise InputError(
-                    self.path, pos, f"{where}.role", f"expected one of {', '.join(sorted(ROLES))}, got {role!r}"
+                    self.path,
+                    pos,
+                    f"{where}.role",
+                    f"expected one of {', '.join(sorted(ROLES))}, got {role!r}",
                 )
             content = m.get("content")
             if content is None:
@@ -257,7 +263,10 @@ class RowSource:
                     raise InputError(self.path, pos, f"{where}.content", "missing")
             elif not isinstance(content, str | list):
                 raise InputError(
-                    self.path, pos, f"{where}.content", f"expected a string or a list of parts, got {type(content).__name__}"
+                    self.path,
+                    pos,
+                    f"{where}.content",
+                    f"expected a string or a list of parts, got {type(content).__name__}",
                 )
         for key, types in _FIELD_TYPES.items():
             if key in body:

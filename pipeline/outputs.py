@@ -85,7 +85,9 @@ def outcome_result(o: Outcome) -> dict[str, Any]:
         "content": first.content if first else None,
         "reasoning": first.reasoning if first else None,
         "refusal": first.refusal if first else None,
-        "tool_calls": None if first is None or first.tool_calls is None else orjson.dumps(first.tool_calls).decode(),
+        "tool_calls": None
+        if first is None or first.tool_calls is None
+        else orjson.dumps(first.tool_calls).decode(),
         "prompt_tokens": u.prompt if u else None,
         "completion_tokens": u.completion if u else None,
         "total_tokens": u.total if u else None,
@@ -159,7 +161,9 @@ class _RecordTyper:
             try:
                 out[col] = pa.array(values, type=t)
             except (pa.ArrowInvalid, pa.ArrowTypeError):
-                out[col] = pa.array([None if v is None else orjson.dumps(v).decode() for v in values], pa.string())
+                out[col] = pa.array(
+                    [None if v is None else orjson.dumps(v).decode() for v in values], pa.string()
+                )
         return out
 
 
@@ -176,7 +180,9 @@ def _unify(a: pa.DataType, b: pa.DataType) -> pa.DataType:
         return a
     if pa.types.is_null(a):
         return b
-    if pa.types.is_integer(a) and pa.types.is_floating(b) or pa.types.is_floating(a) and pa.types.is_integer(b):
+    if (pa.types.is_integer(a) and pa.types.is_floating(b)) or (
+        pa.types.is_floating(a) and pa.types.is_integer(b)
+    ):
         return pa.float64()
     return pa.string()
 
@@ -245,7 +251,9 @@ async def write_parquet(
 class PartWriter:
     """Buffers finished requests of this session and writes them as whole part files."""
 
-    def __init__(self, folder: Path, *, keep_columns: Sequence[str] | None = None, part_rows: int = 10_000) -> None:
+    def __init__(
+        self, folder: Path, *, keep_columns: Sequence[str] | None = None, part_rows: int = 10_000
+    ) -> None:
         self.folder = folder
         self.part_rows = part_rows
         self._typer = _RecordTyper(keep_columns)
@@ -314,7 +322,11 @@ def batch_output_line(r: Mapping[str, Any]) -> dict[str, Any]:
             body = orjson.loads(r["raw"])
         except orjson.JSONDecodeError:
             body = r["raw"]
-        response = {"status_code": r.get("http_status") or 200, "request_id": r.get("provider_request_id"), "body": body}
+        response = {
+            "status_code": r.get("http_status") or 200,
+            "request_id": r.get("provider_request_id"),
+            "body": body,
+        }
     else:
         code = "rejected" if r["state"] == "rejected" else (r.get("error_class") or "failed")
         error = {"code": code, "message": r.get("error") or r["state"]}

@@ -75,7 +75,10 @@ class Verdict:
     rule: str
 
 
-def classify(exc: RequestError, policy: PolicySpec = PolicySpec()) -> Verdict:
+DEFAULT_POLICY = PolicySpec()
+
+
+def classify(exc: RequestError, policy: PolicySpec = DEFAULT_POLICY) -> Verdict:
     """The one rule that applies to a failed attempt."""
     name = _rule_name(exc)
     action = _BY_NAME[name].action

@@ -16,8 +16,12 @@ from pipeline.store.db import Store
 __all__ = ["export", "report", "status"]
 
 
+def _exists(db: str) -> bool:
+    return "://" in db or Path(db).is_file()
+
+
 async def _open(db: str) -> Store:
-    if "://" not in db and not Path(db).is_file():
+    if not _exists(db):
         raise RunStateError(f"database {db} not found (pass --db PATH, or run a job first)")
     return await Store.open(db_url(db))
 
@@ -90,9 +94,7 @@ async def report(db: str, by: str, since: str | None) -> tuple[Sequence[str], li
     try:
         where = "WHERE date(a.started_at) >= :since" if since else ""
         params = {"since": since} if since else {}
-        money = (
-            "SUM(a.cost_picousd) AS cost_picousd, SUM(a.reported_cost_picousd) AS reported_cost_picousd"
-        )
+        money = "SUM(a.cost_picousd) AS cost_picousd, SUM(a.reported_cost_picousd) AS reported_cost_picousd"
         tokens = (
             "COUNT(*) AS attempts, SUM(CASE WHEN a.outcome = 'success' THEN 1 ELSE 0 END) AS succeeded, "
             "SUM(a.prompt_tokens) AS prompt_tokens, SUM(a.cached_tokens) AS cached_tokens, "

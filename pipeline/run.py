@@ -98,7 +98,9 @@ async def execute(
             run_id = await _fresh_run_id(store, run_id)
             existing = None
         if existing is not None and existing["job"] != spec.job:
-            raise RunStateError(f"run id {run_id!r} belongs to job {existing['job']!r}; choose another --run-id")
+            raise RunStateError(
+                f"run id {run_id!r} belongs to job {existing['job']!r}; choose another --run-id"
+            )
         if existing is not None and existing["loaded"] and existing["input_sha256"] != input_hash:
             raise RunStateError(
                 f"{spec.input.path}: the input changed since run {run_id!r} loaded it "
@@ -118,7 +120,9 @@ async def execute(
             try:
                 await _submit(store, spec, run_id, source)
             except InputError as exc:
-                await store.update_run(run_id, state="rejected", error=str(exc), exit_code=2, finished_at=utcnow())
+                await store.update_run(
+                    run_id, state="rejected", error=str(exc), exit_code=2, finished_at=utcnow()
+                )
                 raise
 
         states = ("pending", "failed") if retry_failed else ("pending",)
@@ -155,7 +159,9 @@ async def execute(
         counts = await store.state_counts(run_id)
         totals = await store.usage_totals(run_id)
         state, code, message = _verdict(counts, interrupted, worker)
-        await store.update_run(run_id, state=state, exit_code=code, finished_at=utcnow(), error=message or None)
+        await store.update_run(
+            run_id, state=state, exit_code=code, finished_at=utcnow(), error=message or None
+        )
         return RunSummary(
             run_id=run_id,
             job=spec.job,
@@ -206,7 +212,9 @@ async def _submit(store: Store, spec: JobSpec, run_id: str, source: RowSource) -
             out = []
             for seq, pos, obj, item in chunk:
                 if isinstance(item, Row) and item.custom_id in seen:
-                    item = InputError(source.path, pos, "custom_id", f"duplicate custom_id {item.custom_id!r}")
+                    item = InputError(
+                        source.path, pos, "custom_id", f"duplicate custom_id {item.custom_id!r}"
+                    )
                 if isinstance(item, InputError):
                     if spec.on_bad_row == "stop":
                         raise item
@@ -253,8 +261,10 @@ async def _start_mock(stack: AsyncExitStack, spec: JobSpec) -> str | None:
     from pipeline.mock import MockConfig, MockServer
 
     m = spec.mock
-    config = MockConfig() if m is None else MockConfig(
-        latency_ms=m.latency_ms, rate_429=m.rate_429, rate_500=m.rate_500, seed=m.seed
+    config = (
+        MockConfig()
+        if m is None
+        else MockConfig(latency_ms=m.latency_ms, rate_429=m.rate_429, rate_500=m.rate_500, seed=m.seed)
     )
     server = await anyio.to_thread.run_sync(MockServer(config).start)
     stack.callback(server.stop)
@@ -263,7 +273,10 @@ async def _start_mock(stack: AsyncExitStack, spec: JobSpec) -> str | None:
 
 
 def _routes(
-    spec: JobSpec, keys: Mapping[str, str | None], transport: httpx.AsyncBaseTransport, mock_url: str | None
+    spec: JobSpec,
+    keys: Mapping[str, str | None],
+    transport: httpx.AsyncBaseTransport,
+    mock_url: str | None,
 ) -> list[Route]:
     clients: dict[str, ChatClient] = {}
     states: dict[str, EndpointState] = {}
@@ -273,7 +286,11 @@ def _routes(
         base_url = mock_url if ep.is_mock and mock_url else ep.base_url
         if r.endpoint not in clients:
             clients[r.endpoint] = ChatClient(
-                ep, base_url=base_url, api_key=keys.get(r.endpoint), retry=spec.retry, transport=transport
+                ep,
+                base_url=base_url,
+                api_key=keys.get(r.endpoint),
+                retry=spec.retry,
+                transport=transport,
             )
             states[r.endpoint] = EndpointState(r.endpoint)
         routes.append(
@@ -379,7 +396,11 @@ async def _dispatch(
 
 
 async def _write_results(
-    store: Store, run_id: str, out_dir: Path, keep: tuple[str, ...] | None, states: tuple[str, ...] | list[str]
+    store: Store,
+    run_id: str,
+    out_dir: Path,
+    keep: tuple[str, ...] | None,
+    states: tuple[str, ...] | list[str],
 ) -> None:
     """Rebuild results.parquet from the database (requests in ``states``)."""
     path = out_dir / "results.parquet"

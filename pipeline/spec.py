@@ -28,8 +28,8 @@ __all__ = [
     "InputSpec",
     "JobSpec",
     "LimitsSpec",
-    "ModelPrice",
     "MockSpec",
+    "ModelPrice",
     "PolicySpec",
     "RetrySpec",
     "RouteSpec",
@@ -190,9 +190,7 @@ class JobSpec:
                 }
                 for n, e in self.endpoints.items()
             },
-            "routes": [
-                {"endpoint": r.endpoint, "model": r.model, **r.limits.__dict__} for r in self.routes
-            ],
+            "routes": [{"endpoint": r.endpoint, "model": r.model, **r.limits.__dict__} for r in self.routes],
             "retry": dict(self.retry.__dict__),
             "policy": dict(self.policy.__dict__),
             "request": dict(self.request_defaults),
@@ -469,7 +467,11 @@ def _endpoints(raw: Any, r: _Reader) -> dict[str, EndpointSpec]:
                 "expected the NAME of an environment variable holding the key, not the key itself",
             )
         headers_raw = e.get("headers", {})
-        headers = r.table(headers_raw, f"{where}.headers", set(headers_raw) if isinstance(headers_raw, dict) else set())
+        headers = r.table(
+            headers_raw,
+            f"{where}.headers",
+            set(headers_raw) if isinstance(headers_raw, dict) else set(),
+        )
         for hk, hv in headers.items():
             r.string(hv, f"{where}.headers.{hk}")
             if hk.lower() == "authorization":

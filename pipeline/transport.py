@@ -12,7 +12,6 @@ It never retries: the pipeline has exactly one retry layer (``pipeline.worker``)
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -28,7 +27,7 @@ def _mapped(request: httpx.Request) -> Iterator[None]:
         yield
     except aiohttp.ConnectionTimeoutError as exc:
         raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
-    except (aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise httpx.ReadTimeout(str(exc) or "read timeout", request=request) from exc
     except aiohttp.ClientConnectorError as exc:
         raise httpx.ConnectError(str(exc), request=request) from exc
@@ -75,18 +74,21 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
             # httpx decodes Content-Encoding itself, so aiohttp must hand over the raw bytes.
             self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, trust_env=True, cookie_jar=aiohttp.DummyCookieJar()
+                connector=connector,
+                auto_decompress=False,
+                trust_env=True,
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._get_session()
         t = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=t.get("connect"), sock_read=t.get("read")
-        )
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.get("connect"), sock_read=t.get("read"))
         body = await request.aread()
-        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in ("host", "content-length")]
+        headers = [
+            (k, v) for k, v in request.headers.multi_items() if k.lower() not in ("host", "content-length")
+        ]
         with _mapped(request):
             response = await session.request(
                 request.method,

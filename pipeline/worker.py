@@ -120,9 +120,7 @@ class Worker:
                 walk.attempts[-1].error_class = "deadline"
                 walk.attempts[-1].error_message = "request deadline reached during the attempt"
             return self._outcome(walk, "failed", f"deadline of {self.retry.deadline_s:g}s exceeded")
-        if not walk.attempts or (
-            walk.attempts[-1].outcome == Action.STOP_ENDPOINT and not self.usable()
-        ):
+        if not walk.attempts or (walk.attempts[-1].outcome == Action.STOP_ENDPOINT and not self.usable()):
             # Not the request's fault: every endpoint refused us. Leave it for a later run.
             return self._outcome(walk, "pending", last_error)
         return self._outcome(walk, "failed", last_error or "every route failed")
@@ -199,8 +197,13 @@ class Worker:
                 a.http_status = status
                 self._keep(route, a, completion)
                 permit.settle(completion.usage.total if completion.usage else None)
-                if completion.first.finish_reason == "content_filter" and self.policy.content_filter != "accept":
-                    err = InvalidResponse("the provider's content filter stopped the answer", code="content_filter")
+                if (
+                    completion.first.finish_reason == "content_filter"
+                    and self.policy.content_filter != "accept"
+                ):
+                    err = InvalidResponse(
+                        "the provider's content filter stopped the answer", code="content_filter"
+                    )
                     err.completion = completion
                     raise err
             except RequestError as exc:

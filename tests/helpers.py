@@ -16,7 +16,10 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
 
 def plain_rows(n: int, prefix: str = "q") -> list[dict[str, Any]]:
     return [
-        {"custom_id": f"{prefix}-{i}", "messages": [{"role": "user", "content": f"Question number {i}?"}]}
+        {
+            "custom_id": f"{prefix}-{i}",
+            "messages": [{"role": "user", "content": f"Question number {i}?"}],
+        }
         for i in range(n)
     ]
 

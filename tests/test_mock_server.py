@@ -218,13 +218,9 @@ def test_unparseable_body_is_400(client: httpx.Client) -> None:
 
 def test_wrong_or_missing_api_key_is_401_without_echoing_it() -> None:
     with MockServer(MockConfig(api_key="sk-right")) as server, client_for(server) as http:
-        wrong = http.post(
-            "/chat/completions", json=chat(), headers={"Authorization": "Bearer sk-wrong"}
-        )
+        wrong = http.post("/chat/completions", json=chat(), headers={"Authorization": "Bearer sk-wrong"})
         missing = http.post("/chat/completions", json=chat())
-        right = http.post(
-            "/chat/completions", json=chat(), headers={"Authorization": "Bearer sk-right"}
-        )
+        right = http.post("/chat/completions", json=chat(), headers={"Authorization": "Bearer sk-right"})
     assert wrong.status_code == missing.status_code == 401
     assert wrong.json() == {
         "error": {
@@ -454,10 +450,16 @@ def test_fake_instances_validate_for_many_seeds(schema: dict[str, Any]) -> None:
     assert fake_instance(schema, 3) == fake_instance(schema, 3)
 
 
+def test_unusable_schema_is_400_on_response_format(client: httpx.Client) -> None:
+    schema = {"type": "object", "properties": {"x": {"type": "array", "minItems": "many"}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    response = client.post("/chat/completions", json=chat(response_format=response_format))
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "response_format"
+
+
 def test_json_object_answer_is_an_object_with_answer(client: httpx.Client) -> None:
-    body = client.post(
-        "/chat/completions", json=chat(response_format={"type": "json_object"})
-    ).json()
+    body = client.post("/chat/completions", json=chat(response_format={"type": "json_object"})).json()
     parsed = orjson.loads(body["choices"][0]["message"]["content"])
     assert set(parsed) == {"answer"}
 
@@ -547,9 +549,7 @@ def test_stream_without_usage_has_no_usage_key(client: httpx.Client) -> None:
 
 
 def test_stream_of_a_tool_call_reassembles_the_arguments(client: httpx.Client) -> None:
-    plain = client.post(
-        "/chat/completions", json=chat(tools=[WEATHER_TOOL], tool_choice="required")
-    ).json()
+    plain = client.post("/chat/completions", json=chat(tools=[WEATHER_TOOL], tool_choice="required")).json()
     chunks = sse_chunks(
         client.post(
             "/chat/completions",
@@ -684,6 +684,11 @@ def test_cli_entry_announces_url_and_exits_cleanly_on_sigterm() -> None:
     assert err == ""
 
 
+def test_start_raises_when_the_port_is_taken(server: MockServer) -> None:
+    with pytest.raises(OSError):
+        MockServer(MockConfig(port=server.port)).start()
+
+
 def test_server_can_be_stopped_and_started_again() -> None:
     server = MockServer()
     server.start()
@@ -727,9 +732,7 @@ def _throughput(seconds: float, concurrency: int) -> None:
                 await asyncio.gather(*(worker(session, warm) for _ in range(concurrency)))
                 started = time.perf_counter()
                 deadline = started + seconds
-                counts = await asyncio.gather(
-                    *(worker(session, deadline) for _ in range(concurrency))
-                )
+                counts = await asyncio.gather(*(worker(session, deadline) for _ in range(concurrency)))
                 return sum(counts) / (time.perf_counter() - started)
 
         try:

@@ -77,7 +77,9 @@ def attempts(db: Path, custom_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def test_all_requests_succeed_and_parquet_holds_the_same_rows(workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]) -> None:
+def test_all_requests_succeed_and_parquet_holds_the_same_rows(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
     """Every row gets one succeeded request in SQLite, and Parquet holds the same rows."""
     server = mock_server(latency_ms=5)
     write_jsonl(workdir / "in.jsonl", plain_rows(40))
@@ -96,7 +98,9 @@ def test_all_requests_succeed_and_parquet_holds_the_same_rows(workdir: Path, moc
     assert list((workdir / "out").rglob("*.parquet")) == [workdir / "out" / "in" / "in" / "results.parquet"]
 
 
-def test_429_with_retry_after_is_waited_out_then_succeeds(workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]) -> None:
+def test_429_with_retry_after_is_waited_out_then_succeeds(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
     """A 429 with Retry-After: 1 is retried on the same route after at least one second."""
     server = mock_server(fail_first=1, fail_status=429, retry_after_s=1.0)
     write_jsonl(workdir / "in.jsonl", plain_rows(3))
@@ -104,7 +108,11 @@ def test_429_with_retry_after_is_waited_out_then_succeeds(workdir: Path, mock_se
     assert r.exit_code == 0, r.stderr
     for i in range(3):
         first, second = attempts(workdir / "p.db", f"q-{i}")
-        assert (first["http_status"], first["outcome"], first["error_class"]) == (429, "retry", "rate_limited")
+        assert (first["http_status"], first["outcome"], first["error_class"]) == (
+            429,
+            "retry",
+            "rate_limited",
+        )
         assert first["retry_after_s"] == 1.0 and first["wait_s"] == 1.0
         assert (second["http_status"], second["outcome"]) == (200, "success")
         gap = datetime.fromisoformat(second["started_at"]) - datetime.fromisoformat(first["started_at"])
@@ -112,7 +120,9 @@ def test_429_with_retry_after_is_waited_out_then_succeeds(workdir: Path, mock_se
     assert server.stats().by_status == {429: 3, 200: 3}
 
 
-def test_500_is_retried_then_succeeds(workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]) -> None:
+def test_500_is_retried_then_succeeds(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
     """A 500 is retried on the same route and the second attempt succeeds."""
     server = mock_server(fail_first=1, fail_status=500)
     write_jsonl(workdir / "in.jsonl", plain_rows(4))
@@ -120,7 +130,11 @@ def test_500_is_retried_then_succeeds(workdir: Path, mock_server: Callable[..., 
     r = cli("run", spec, "--db", "p.db", "--out", "out", "-q")
     assert r.exit_code == 0, r.stderr
     first, second = attempts(workdir / "p.db", "q-2")
-    assert (first["http_status"], first["error_class"], first["outcome"]) == (500, "server_error", "retry")
+    assert (first["http_status"], first["error_class"], first["outcome"]) == (
+        500,
+        "server_error",
+        "retry",
+    )
     assert second["outcome"] == "success" and second["model"] == "mock-small"
     assert query(workdir / "p.db", "SELECT COUNT(*) FROM request WHERE state = 'succeeded'") == [(4,)]
 
@@ -185,7 +199,9 @@ def test_malformed_line_3_exits_2_naming_it_and_sends_nothing(
     assert query(db, "SELECT COUNT(*) FROM request") == [(0,)]
 
 
-def test_rerunning_a_finished_run_sends_nothing(workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]) -> None:
+def test_rerunning_a_finished_run_sends_nothing(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
     """The same command twice: the second finds every request done and sends none."""
     server = mock_server()
     write_jsonl(workdir / "in.jsonl", plain_rows(10))
@@ -197,7 +213,9 @@ def test_rerunning_a_finished_run_sends_nothing(workdir: Path, mock_server: Call
     assert results(workdir, "in").num_rows == 10
 
 
-def test_changed_input_under_the_same_run_is_refused(workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]) -> None:
+def test_changed_input_under_the_same_run_is_refused(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
     """A resumed run whose input changed stops with a clear message and exit 2."""
     server = mock_server()
     write_jsonl(workdir / "in.jsonl", plain_rows(3))
@@ -211,7 +229,9 @@ def test_changed_input_under_the_same_run_is_refused(workdir: Path, mock_server:
     assert server.stats().requests_total == 7
 
 
-def test_export_writes_openai_batch_output_lines(workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]) -> None:
+def test_export_writes_openai_batch_output_lines(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
     """`pipeline export RUN --format jsonl` writes one batch-output line per request."""
     server = mock_server(fail_first=1000, fail_status=400)
     rows = plain_rows(2)
@@ -234,7 +254,9 @@ def test_export_writes_openai_batch_output_lines(workdir: Path, mock_server: Cal
     assert line["response"]["status_code"] == 400 and line["error"]["code"] == "bad_request"
 
 
-def test_status_reports_counts_tokens_and_cost(workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]) -> None:
+def test_status_reports_counts_tokens_and_cost(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
     """`pipeline status --json` gives counts by state, tokens and the computed cost."""
     server = mock_server()
     write_jsonl(workdir / "in.jsonl", plain_rows(6))
@@ -245,7 +267,9 @@ def test_status_reports_counts_tokens_and_cost(workdir: Path, mock_server: Calla
     info = orjson.loads(r.stdout)
     assert info["run_id"] == "t" and info["state"] == "completed"
     assert info["counts"] == {"pending": 0, "succeeded": 6, "failed": 0, "rejected": 0}
-    prompt, completion = query(workdir / "p.db", "SELECT SUM(prompt_tokens), SUM(completion_tokens) FROM attempt")[0]
+    prompt, completion = query(
+        workdir / "p.db", "SELECT SUM(prompt_tokens), SUM(completion_tokens) FROM attempt"
+    )[0]
     assert (info["prompt_tokens"], info["completion_tokens"]) == (prompt, completion)
     # 0.15 and 0.60 USD per million tokens, exactly.
     expected = (prompt * 15 + completion * 60) / 100_000_000
@@ -254,7 +278,9 @@ def test_status_reports_counts_tokens_and_cost(workdir: Path, mock_server: Calla
     assert "6 succeeded" in text.stdout
 
 
-def test_template_rows_keep_their_columns_in_the_output(workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]) -> None:
+def test_template_rows_keep_their_columns_in_the_output(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
     """Data records + a template: the output holds the record's columns then the answer."""
     server = mock_server()
     write_jsonl(workdir / "in.jsonl", [{"id": f"r{i}", "text": f"text {i}", "n": i} for i in range(5)])
@@ -274,7 +300,9 @@ def test_template_rows_keep_their_columns_in_the_output(workdir: Path, mock_serv
     assert body["messages"] == [{"role": "user", "content": "Label: text 3"}]
 
 
-def test_parquet_input_in_batch_api_shape_runs(workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]) -> None:
+def test_parquet_input_in_batch_api_shape_runs(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
     """A Parquet input of OpenAI Batch API rows is streamed and answered."""
     server = mock_server()
     rows = [
@@ -282,12 +310,29 @@ def test_parquet_input_in_batch_api_shape_runs(workdir: Path, mock_server: Calla
             "custom_id": f"b{i}",
             "method": "POST",
             "url": "/v1/chat/completions",
-            "body": {"model": "mock-small", "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 8},
+            "body": {
+                "model": "mock-small",
+                "messages": [{"role": "user", "content": f"hi {i}"}],
+                "max_tokens": 8,
+            },
         }
         for i in range(7)
     ]
     pq.write_table(pa.Table.from_pylist(rows), workdir / "in.parquet")
-    r = cli("run", "--input", "in.parquet", "--base-url", server.base_url, "--model", "mock-small", "--db", "p.db", "--out", "out", "-q")
+    r = cli(
+        "run",
+        "--input",
+        "in.parquet",
+        "--base-url",
+        server.base_url,
+        "--model",
+        "mock-small",
+        "--db",
+        "p.db",
+        "--out",
+        "out",
+        "-q",
+    )
     assert r.exit_code == 0, r.stderr
     assert query(workdir / "p.db", "SELECT COUNT(*) FROM request WHERE state = 'succeeded'") == [(7,)]
     assert results(workdir, "in").column("custom_id").to_pylist() == [f"b{i}" for i in range(7)]
@@ -315,12 +360,22 @@ def test_parquet_input_in_batch_api_shape_runs(workdir: Path, mock_server: Calla
             "line 1: field 'model': unknown model 'gpt-9'",
             id="unknown-model",
         ),
-        pytest.param(plain_rows(1), ["--run-id", "../escape"], "run_id: '../escape' is not a safe file name", id="unsafe-run-id"),
+        pytest.param(
+            plain_rows(1),
+            ["--run-id", "../escape"],
+            "run_id: '../escape' is not a safe file name",
+            id="unsafe-run-id",
+        ),
         pytest.param(plain_rows(1), ["--job", "a/b"], "job: 'a/b' is not a safe file name", id="unsafe-job"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_sends_nothing(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any], rows: list[Any], args: list[str], expected: str
+    workdir: Path,
+    mock_server: Callable[..., MockServer],
+    cli: Callable[..., Any],
+    rows: list[Any],
+    args: list[str],
+    expected: str,
 ) -> None:
     """Bad rows and bad flags: one line naming the place, exit 2, no request sent."""
     server = mock_server()
@@ -332,7 +387,9 @@ def test_bad_input_exits_2_with_one_line_and_sends_nothing(
     assert server.stats().requests_total == 0
 
 
-def test_unknown_field_in_spec_and_missing_input_are_one_line_errors(workdir: Path, cli: Callable[..., Any]) -> None:
+def test_unknown_field_in_spec_and_missing_input_are_one_line_errors(
+    workdir: Path, cli: Callable[..., Any]
+) -> None:
     """A spec with an unknown field, or a missing input file, exits 2 naming the field."""
     write_jsonl(workdir / "in.jsonl", plain_rows(1))
     spec = spec_file(workdir / "job.toml", "http://127.0.0.1:9/v1")
@@ -344,16 +401,30 @@ def test_unknown_field_in_spec_and_missing_input_are_one_line_errors(workdir: Pa
     assert not (workdir / "pipeline.db").exists()
 
 
-def test_missing_api_key_for_a_remote_endpoint_stops_before_anything(workdir: Path, cli: Callable[..., Any]) -> None:
+def test_missing_api_key_for_a_remote_endpoint_stops_before_anything(
+    workdir: Path, cli: Callable[..., Any]
+) -> None:
     """A remote endpoint needs its key variable; the error names it and nothing is written."""
     write_jsonl(workdir / "in.jsonl", plain_rows(1))
-    r = cli("run", "--input", "in.jsonl", "--base-url", "https://api.example.com/v1", "--model", "gpt-4o-mini", "--api-key-env", "PIPELINE_TEST_KEY")
+    r = cli(
+        "run",
+        "--input",
+        "in.jsonl",
+        "--base-url",
+        "https://api.example.com/v1",
+        "--model",
+        "gpt-4o-mini",
+        "--api-key-env",
+        "PIPELINE_TEST_KEY",
+    )
     assert r.exit_code == 2
     assert "PIPELINE_TEST_KEY is not set" in r.stderr
     assert not (workdir / "pipeline.db").exists()
 
 
-def test_api_key_is_sent_but_never_stored(workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]) -> None:
+def test_api_key_is_sent_but_never_stored(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
     """The key from the named variable authenticates; it is in no file the run writes."""
     secret = "sk-test-DO-NOT-STORE-1234567890"
     server = mock_server(api_key=secret)

@@ -140,10 +140,7 @@ class _Faker:
         high = schema.get("maxItems")
         prefix = schema.get("prefixItems")
         prefix = prefix if isinstance(prefix, list) else []
-        if depth >= MAX_DEPTH:
-            count = max(low, 0)
-        else:
-            count = max(low, len(prefix), 1 + self.rng.randrange(2))
+        count = max(low, 0) if depth >= MAX_DEPTH else max(low, len(prefix), 1 + self.rng.randrange(2))
         if isinstance(high, int):
             count = min(count, high)
         items = schema.get("items", {})

@@ -274,8 +274,7 @@ def _check_messages(messages: Any) -> list[Any]:
         raise _bad_request("Missing required parameter: 'messages'.", "messages")
     if not isinstance(messages, list):
         raise _bad_request(
-            f"Invalid type for 'messages': expected an array, but got {_json_type(messages)} "
-            "instead.",
+            f"Invalid type for 'messages': expected an array, but got {_json_type(messages)} instead.",
             "messages",
         )
     if not messages:
@@ -324,8 +323,7 @@ def _forced_tool(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
     ]
     if not functions:
         raise _bad_request(
-            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
-            "specified.",
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
             "tool_choice",
         )
     if choice == "required":
@@ -560,9 +558,7 @@ def _completion(answer: _Answer, plan: _Plan, config: MockConfig) -> dict[str, A
     }
 
 
-def _sse_events(
-    answer: _Answer, plan: _Plan, config: MockConfig, include_usage: bool
-) -> Iterator[bytes]:
+def _sse_events(answer: _Answer, plan: _Plan, config: MockConfig, include_usage: bool) -> Iterator[bytes]:
     """The ``data:`` events of a streamed answer, ``[DONE]`` excluded."""
     head: dict[str, Any] = {
         "id": answer.id,
@@ -773,9 +769,7 @@ class _Provider:
             status, body = await self._other(request, path.removeprefix("/v1"))
         except _Fail as fail:
             status, body = fail.status, fail.body
-        return web.Response(
-            status=status, body=body, headers=self._headers(started), content_type=_JSON
-        )
+        return web.Response(status=status, body=body, headers=self._headers(started), content_type=_JSON)
 
     # ---------------------------------------------------------------- common
 
@@ -974,9 +968,7 @@ class _Provider:
         return orjson.dumps(_stored_view(stored))
 
     def _list(self, query: Mapping[str, str]) -> bytes:
-        wanted = {
-            k[9:-1]: v for k, v in query.items() if k.startswith("metadata[") and k[-1:] == "]"
-        }
+        wanted = {k[9:-1]: v for k, v in query.items() if k.startswith("metadata[") and k[-1:] == "]"}
         model = query.get("model")
         items = [
             s
@@ -989,9 +981,7 @@ class _Provider:
         return orjson.dumps(_page([_stored_view(s) for s in items], query))
 
 
-_UNAUTHORIZED = _error_body(
-    "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
-)
+_UNAUTHORIZED = _error_body("Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
 _SERVER_ERRORS = {
     500: _error_body(
         "The server had an error while processing your request. Sorry about that!",
@@ -1021,10 +1011,7 @@ def _stored_view(stored: _Stored) -> dict[str, Any]:
 
 
 def _messages_page(completion_id: str, stored: _Stored) -> dict[str, Any]:
-    data = [
-        {**message, "id": f"{completion_id}-{index}"}
-        for index, message in enumerate(stored.messages)
-    ]
+    data = [{**message, "id": f"{completion_id}-{index}"} for index, message in enumerate(stored.messages)]
     return {
         "object": "list",
         "data": data,
@@ -1068,9 +1055,7 @@ def _request_factory() -> Callable[..., web.BaseRequest]:
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
-        return web.BaseRequest(
-            message, payload, protocol, writer, task, loop, client_max_size=_MAX_BODY
-        )
+        return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=_MAX_BODY)
 
     return make
 

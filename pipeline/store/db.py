@@ -49,7 +49,7 @@ def _explain(exc: BaseException, url: str) -> str:
         return f"database {where} is locked by another process (is another run using it?)"
     if "readonly" in low or "read-only" in low:
         return f"database {where} is read-only: check the file's permissions"
-    if "disk" in low and "full" in low or "no space" in low:
+    if ("disk" in low and "full" in low) or "no space" in low:
         return f"database {where}: the disk is full"
     if "unable to open" in low:
         return f"cannot open database {where}: does its folder exist and is it writable?"
@@ -148,7 +148,10 @@ class Store:
     # -- requests ----------------------------------------------------------------------------
 
     async def load_requests(
-        self, run_id: str, batches: AsyncIterator[Sequence[Mapping[str, Any]]], input_rows: int | None = None
+        self,
+        run_id: str,
+        batches: AsyncIterator[Sequence[Mapping[str, Any]]],
+        input_rows: int | None = None,
     ) -> int:
         """Insert every request of a run in ONE transaction, then mark the run loaded.
 
@@ -170,13 +173,19 @@ class Store:
     ) -> list[tuple[int, str, str, str | None, int]]:
         """Up to ``limit`` requests to send, in input order after ``after_seq``."""
         q = (
-            select(request.c.seq, request.c.custom_id, request.c.body, request.c.record, request.c.attempts)
+            select(
+                request.c.seq,
+                request.c.custom_id,
+                request.c.body,
+                request.c.record,
+                request.c.attempts,
+            )
             .where(request.c.run_id == run_id, request.c.state.in_(states), request.c.seq > after_seq)
             .order_by(request.c.seq)
             .limit(limit)
         )
         async with self._conn(write=False) as conn:
-            return [tuple(r) for r in (await conn.execute(q)).all()]  # type: ignore[misc]
+            return [tuple(r) for r in (await conn.execute(q)).all()]
 
     async def record_outcomes(self, run_id: str, outcomes: Sequence[Outcome]) -> None:
         """One transaction for a batch of finished requests: attempts, completions, states."""
@@ -210,7 +219,12 @@ class Store:
             )
         upd = (
             update(request)
-            .where(and_(request.c.run_id == bindparam("b_run_id"), request.c.custom_id == bindparam("b_custom_id")))
+            .where(
+                and_(
+                    request.c.run_id == bindparam("b_run_id"),
+                    request.c.custom_id == bindparam("b_custom_id"),
+                )
+            )
             .values(
                 state=bindparam("b_state"),
                 attempts=request.c.attempts + bindparam("b_n"),
@@ -249,9 +263,12 @@ class Store:
             func.sum(attempt.c.reasoning_tokens).label("reasoning_tokens"),
             func.sum(attempt.c.cost_picousd).label("cost_picousd"),
             func.sum(attempt.c.reported_cost_picousd).label("reported_cost_picousd"),
-            func.sum(case((attempt.c.cost_picousd.is_(None) & attempt.c.total_tokens.is_not(None), 1), else_=0)).label(
-                "unpriced_attempts"
-            ),
+            func.sum(
+                case(
+                    (attempt.c.cost_picousd.is_(None) & attempt.c.total_tokens.is_not(None), 1),
+                    else_=0,
+                )
+            ).label("unpriced_attempts"),
         ).where(attempt.c.run_id == run_id)
         async with self._conn(write=False) as conn:
             row = (await conn.execute(q)).mappings().one()
@@ -292,8 +309,19 @@ class Store:
         ]
         joined = r.outerjoin(
             a,
-            and_(a.c.run_id == r.c.run_id, a.c.custom_id == r.c.custom_id, a.c.attempt_no == r.c.final_attempt_no),
-        ).outerjoin(c, and_(c.c.run_id == a.c.run_id, c.c.custom_id == a.c.custom_id, c.c.attempt_no == a.c.attempt_no))
+            and_(
+                a.c.run_id == r.c.run_id,
+                a.c.custom_id == r.c.custom_id,
+                a.c.attempt_no == r.c.final_attempt_no,
+            ),
+        ).outerjoin(
+            c,
+            and_(
+                c.c.run_id == a.c.run_id,
+                c.c.custom_id == a.c.custom_id,
+                c.c.attempt_no == a.c.attempt_no,
+            ),
+        )
         after = -1
         while True:
             q = select(*cols).select_from(joined).where(r.c.run_id == run_id, r.c.seq > after)

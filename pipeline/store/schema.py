@@ -24,7 +24,16 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-__all__ = ["REQUEST_STATES", "RUN_STATES", "VIEWS", "attempt", "completion", "metadata", "request", "run"]
+__all__ = [
+    "REQUEST_STATES",
+    "RUN_STATES",
+    "VIEWS",
+    "attempt",
+    "completion",
+    "metadata",
+    "request",
+    "run",
+]
 
 metadata = MetaData(
     naming_convention={
