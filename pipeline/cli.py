@@ -85,7 +85,9 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--run-id", help="Run id (default: the job name); rerunning it resumes."),
         click.option("--job", help="Job name (default: the spec file's or input file's name)."),
         click.option("--new-run", is_flag=True, default=None, help="Start a fresh run even if one exists."),
-        click.option("--budget-usd", help="Stop dispatching before spending more than this."),
+        click.option(
+            "--budget-usd", help="Cap on this run's spend in USD: dispatch stops before passing it (exit 3)."
+        ),
         click.option(
             "--on-bad-row",
             type=click.Choice(["stop", "skip"]),

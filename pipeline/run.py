@@ -29,11 +29,12 @@ import orjson
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from pipeline.client import ChatClient
-from pipeline.errors import InputError, RunStateError
+from pipeline.errors import InputError, RunStateError, SpecError
 from pipeline.inputs import Row, RowSource, file_sha256
 from pipeline.limits import RouteLimiter
 from pipeline.outputs import PartWriter, write_parquet
-from pipeline.pricing import PriceBook
+from pipeline.plan import Budget
+from pipeline.pricing import PriceBook, picousd, usd
 from pipeline.progress import Counters, Display
 from pipeline.recorder import Recorder
 from pipeline.records import Outcome
@@ -142,7 +143,9 @@ async def execute(
         routes = _routes(spec, keys, transport, mock_url)
         for route in routes:
             stack.push_async_callback(route.client.aclose)
-        worker = Worker(routes, retry=spec.retry, policy=spec.policy, prices=PriceBook(spec.prices))
+        prices = PriceBook(spec.prices)
+        budget = await _budget(store, spec, run_id, routes, prices)
+        worker = Worker(routes, retry=spec.retry, policy=spec.policy, prices=prices, budget=budget)
 
         before = await store.state_counts(run_id)
         counters = Counters(total=sum(before.get(s, 0) for s in states))
@@ -177,6 +180,24 @@ async def execute(
     raise AssertionError("unreachable")  # pragma: no cover (AsyncExitStack does not swallow)
 
 
+async def _budget(
+    store: Store, spec: JobSpec, run_id: str, routes: list[Route], prices: PriceBook
+) -> Budget | None:
+    """The run's budget, with what earlier sessions spent; every route must have a price."""
+    if spec.budget_usd is None:
+        return None
+    probe = Worker(routes, retry=spec.retry, policy=spec.policy, prices=prices)
+    for route in routes:
+        if probe.worst_case_picousd(route, 1000, 1000) is None:
+            raise SpecError(
+                f"prices.{route.spec.model}",
+                "budget_usd needs a price for every model of the chain; "
+                f"none is known for {route.spec.model!r}",
+            )
+    spent = (await store.usage_totals(run_id)).get("cost_picousd") or 0
+    return Budget(cap_picousd=picousd(spec.budget_usd), spent_picousd=spent)
+
+
 async def _fresh_run_id(store: Store, base: str) -> str:
     stamp = f"{base}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     candidate, n = stamp, 1
@@ -194,6 +215,14 @@ def _verdict(counts: Mapping[str, int], interrupted: bool, worker: Worker) -> tu
         ep = stopped[0]
         code = 2 if ep.rule == "auth" else 1
         return "aborted", code, f"stopped: {ep.stopped}"
+    b = worker.budget
+    if b is not None and b.exhausted and counts.get("pending", 0):
+        return (
+            "stopped",
+            3,
+            f"budget cap of ${usd(b.cap_picousd)} reached (spent ${usd(b.spent_picousd)}); "
+            f"{counts['pending']} requests left: rerun with a larger --budget-usd to finish",
+        )
     if counts.get("failed", 0) or counts.get("pending", 0) or counts.get("rejected", 0):
         return "failed", 1, ""
     return "completed", 0, ""
@@ -331,7 +360,7 @@ async def _dispatch(
                 if not page:
                     return
                 for seq, cid, body, record, n_prior in page:
-                    if not worker.usable():
+                    if not worker.may_dispatch():
                         return
                     task = Task(
                         seq=seq,

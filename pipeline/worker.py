@@ -21,15 +21,20 @@ from pipeline.client import ChatClient
 from pipeline.errors import InvalidResponse, RateLimited, RequestError
 from pipeline.inputs import estimate_prompt_tokens
 from pipeline.limits import RouteLimiter
+from pipeline.plan import Budget
 from pipeline.policy import Action, classify, retry_delay
 from pipeline.pricing import PriceBook
-from pipeline.records import Attempt, Completion, Outcome
+from pipeline.records import Attempt, Completion, Outcome, Usage
 from pipeline.spec import PolicySpec, RetrySpec, RouteSpec
 from pipeline.store.db import utcnow
 
 __all__ = ["EndpointState", "Route", "Task", "Worker"]
 
 DEFAULT_OUTPUT_RESERVE = 1024  # tokens reserved for the answer when max_tokens is unset
+
+
+class _OverBudget(Exception):
+    """The budget cannot cover this attempt's worst case."""
 
 
 @dataclass
@@ -66,6 +71,8 @@ class Task:
 class _Walk:
     task: Task
     attempts: list[Attempt] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
     tokens: int = 0
 
     @property
@@ -83,23 +90,39 @@ class Worker:
         retry: RetrySpec,
         policy: PolicySpec,
         prices: PriceBook,
+        budget: Budget | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         self.routes = routes
         self.retry = retry
         self.policy = policy
         self.prices = prices
+        self.budget = budget
         self._sleep = sleep
 
     def usable(self) -> bool:
         """Is any route still open? (False once every endpoint refused us.)"""
         return any(r.endpoint.stopped is None for r in self.routes)
 
+    def may_dispatch(self) -> bool:
+        return self.usable() and not (self.budget is not None and self.budget.exhausted)
+
+    def worst_case_picousd(self, route: Route, prompt_tokens: int, output_tokens: int) -> int | None:
+        """The most one attempt on ``route`` can cost (None when its price is unknown).
+
+        The prompt estimate gets a 25% margin: tokenizers differ from characters / 4.
+        """
+        prompt = prompt_tokens * 5 // 4 + 16
+        usage = Usage(prompt=prompt, completion=output_tokens, total=prompt + output_tokens)
+        return self.prices.cost(route.spec.model, usage, provider=route.provider, at=utcnow()).picousd
+
     async def process(self, task: Task) -> Outcome:
         walk = _Walk(task)
         body = task.body
         out_reserve = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_OUTPUT_RESERVE
-        walk.tokens = estimate_prompt_tokens(body) + int(out_reserve) * int(body.get("n") or 1)
+        walk.prompt_tokens = estimate_prompt_tokens(body)
+        walk.output_tokens = int(out_reserve) * int(body.get("n") or 1)
+        walk.tokens = walk.prompt_tokens + walk.output_tokens
         last_error: str | None = None
         with anyio.move_on_after(self.retry.deadline_s) as deadline:
             for route in self.routes:
@@ -107,7 +130,11 @@ class Worker:
                     continue
                 if len(walk.attempts) >= self.retry.max_attempts_per_request:
                     break
-                action, message = await self._on_route(route, walk)
+                try:
+                    action, message = await self._on_route(route, walk)
+                except _OverBudget:
+                    # Not the request's fault: it stays pending for a run with a larger budget.
+                    return self._outcome(walk, "pending", "budget cap reached")
                 if action is None:
                     return self._outcome(walk, "succeeded")
                 last_error = message
@@ -180,6 +207,19 @@ class Worker:
         return None, None
 
     async def _attempt(self, route: Route, walk: _Walk) -> Completion:
+        reserved = 0
+        if self.budget is not None:
+            reserved = self.worst_case_picousd(route, walk.prompt_tokens, walk.output_tokens) or 0
+            if not self.budget.reserve(reserved):
+                raise _OverBudget
+        try:
+            return await self._send(route, walk)
+        finally:
+            if self.budget is not None:
+                a = walk.attempts[-1] if walk.attempts else None
+                self.budget.settle(reserved, (a.cost_picousd or 0) if a else 0)
+
+    async def _send(self, route: Route, walk: _Walk) -> Completion:
         a = Attempt(
             attempt_no=walk.next_no,
             endpoint=route.spec.endpoint,

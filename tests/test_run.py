@@ -435,3 +435,28 @@ def test_api_key_is_sent_but_never_stored(
     for f in workdir.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
+
+
+def test_budget_cap_stops_dispatch_with_exit_3_and_a_larger_budget_finishes(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
+    """A budget for part of the input: exit 3 under the cap; a larger one finishes, none sent twice."""
+    server = mock_server()
+    rows = [
+        {"custom_id": f"q-{i}", "messages": [{"role": "user", "content": "word " * 40}], "max_tokens": 20}
+        for i in range(20)
+    ]
+    write_jsonl(workdir / "in.jsonl", rows)
+    spec = spec_file(workdir / "job.toml", server.base_url)
+    # Worst case per request: about (65 * 1.25 + 16) prompt tokens at 0.15 and 20 at 0.60 per million.
+    r = cli("run", spec, "--db", "p.db", "--out", "out", "-q", "--budget-usd", "0.0002", "--concurrency", "2")
+    assert r.exit_code == 3, r.stderr
+    assert "budget cap" in r.stderr and "--budget-usd" in r.stderr
+    spent = query(workdir / "p.db", "SELECT SUM(cost_picousd) FROM attempt")[0][0]
+    assert 0 < spent <= 200_000_000  # picodollars: never over the cap
+    done = query(workdir / "p.db", "SELECT COUNT(*) FROM request WHERE state = 'succeeded'")[0][0]
+    assert 5 <= done < 20
+    r = cli("run", spec, "--db", "p.db", "--out", "out", "-q", "--budget-usd", "1")
+    assert r.exit_code == 0, r.stderr
+    assert server.stats().requests_total == 20
+    assert query(workdir / "p.db", "SELECT COUNT(*) FROM attempt") == [(20,)]

@@ -45,7 +45,7 @@ metadata = MetaData(
     }
 )
 
-RUN_STATES = ("created", "rejected", "running", "completed", "failed", "interrupted", "aborted")
+RUN_STATES = ("created", "rejected", "running", "completed", "failed", "interrupted", "aborted", "stopped")
 REQUEST_STATES = ("pending", "succeeded", "failed", "rejected")
 
 run = Table(
