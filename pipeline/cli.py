@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -237,13 +237,58 @@ def report(db: str, by: str, since: str | None, fmt: str) -> None:
         w.writeheader()
         w.writerows(rows)
     else:
-        from rich.console import Console
-        from rich.table import Table
+        click.echo(_text_table(cols, rows) if rows else "no attempts recorded")
 
-        table = Table(*cols)
-        for r in rows:
-            table.add_row(*("" if r[c] is None else str(r[c]) for c in cols))
-        Console().print(table)
+
+def _text_table(cols: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    """Aligned columns (numbers right-aligned), one line per row."""
+    cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    numeric = [
+        all(row[i].replace(".", "", 1).lstrip("-").isdigit() or not row[i] for row in cells)
+        for i in range(len(cols))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True)
+        )
+
+    return "\n".join([line(cols), *(line(row) for row in cells)]).rstrip()
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(path_type=Path))
+@_run_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def estimate(spec: Path | None, as_json: bool, **kw: Any) -> None:
+    """Rows, estimated tokens and cost (expected and worst case) before spending anything."""
+    from pipeline import reports
+    from pipeline.spec import load_spec
+
+    async def go() -> Any:
+        return await reports.estimate(load_spec(spec, _overrides(kw)))
+
+    info = _arun(go)
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
+        return
+    click.echo(f"{info['input']}: {info['rows']} requests")
+    click.echo(
+        f"  estimated prompt tokens {info['prompt_tokens']}, output allowance {info['max_output_tokens']}"
+    )
+    for r in info["routes"]:
+        if r["worst_case_cost_usd"] is None:
+            click.echo(f"  {r['endpoint']}/{r['model']}: no price known (add [prices.{r['model']}])")
+        else:
+            click.echo(
+                f"  {r['endpoint']}/{r['model']}: input ${r['input_cost_usd']}, "
+                f"expected ${r['expected_cost_usd']}, worst case ${r['worst_case_cost_usd']}"
+            )
+    for note in info["notes"]:
+        click.echo(f"  note: {note}")
 
 
 @main.command("mock-server")

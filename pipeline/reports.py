@@ -7,13 +7,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import RunStateError
-from pipeline.outputs import write_jsonl, write_parquet
-from pipeline.pricing import usd
-from pipeline.spec import db_url
-from pipeline.store.db import Store
+import anyio
 
-__all__ = ["export", "report", "status"]
+from pipeline.errors import RunStateError
+from pipeline.inputs import RowSource, estimate_prompt_tokens
+from pipeline.outputs import write_jsonl, write_parquet
+from pipeline.pricing import PriceBook, usd
+from pipeline.records import Usage
+from pipeline.spec import JobSpec, db_url
+from pipeline.store.db import Store, utcnow
+from pipeline.worker import DEFAULT_OUTPUT_RESERVE
+
+__all__ = ["estimate", "export", "report", "status"]
 
 
 def _exists(db: str) -> bool:
@@ -89,43 +94,111 @@ async def export(db: str, run_id: str, fmt: str, out: Path) -> int:
 
 
 async def report(db: str, by: str, since: str | None) -> tuple[Sequence[str], list[dict[str, Any]]]:
-    """Cost and token audit, grouped by model, day, run or route, from the SQL views."""
+    """Cost and token audit from every attempt (billed failures included), grouped by
+    model, day, run or route. Computed and provider-reported cost side by side."""
+    groups = {
+        "model": (["a.endpoint", "a.model"], ["endpoint", "model"]),
+        "route": (["a.endpoint", "a.model"], ["endpoint", "model"]),
+        "day": (["date(a.started_at)"], ["day"]),
+        "run": (["a.run_id"], ["run_id"]),
+    }
+    exprs, labels = groups[by]
+    key = ", ".join(exprs)
+    select_key = ", ".join(f"{e} AS {n}" for e, n in zip(exprs, labels, strict=True))
+    failed = "a.outcome <> 'success'"
+    sql = f"""
+        SELECT {select_key},
+               COUNT(DISTINCT a.run_id || '/' || a.custom_id) AS requests,
+               COUNT(*) AS attempts,
+               SUM(CASE WHEN {failed} THEN 1 ELSE 0 END) AS failed_attempts,
+               SUM(CASE WHEN {failed} AND a.total_tokens IS NOT NULL THEN 1 ELSE 0 END) AS billed_failures,
+               COALESCE(SUM(a.prompt_tokens), 0) AS prompt_tokens,
+               COALESCE(SUM(a.cached_tokens), 0) AS cached_tokens,
+               COALESCE(SUM(a.cache_write_tokens), 0) AS cache_write_tokens,
+               COALESCE(SUM(a.completion_tokens), 0) AS completion_tokens,
+               COALESCE(SUM(a.reasoning_tokens), 0) AS reasoning_tokens,
+               SUM(CASE WHEN a.cost_picousd IS NULL AND a.total_tokens IS NOT NULL THEN 1 ELSE 0 END)
+                   AS unpriced_attempts,
+               SUM(a.cost_picousd) AS cost_picousd,
+               SUM(a.reported_cost_picousd) AS reported_cost_picousd,
+               SUM(CASE WHEN a.reported_cost_picousd IS NOT NULL AND a.cost_picousd IS NOT NULL
+                        THEN a.reported_cost_picousd - a.cost_picousd END) AS difference_picousd
+        FROM attempt a
+        {"WHERE date(a.started_at) >= :since" if since else ""}
+        GROUP BY {key}
+        ORDER BY {key}"""
     store = await _open(db)
     try:
-        where = "WHERE date(a.started_at) >= :since" if since else ""
-        params = {"since": since} if since else {}
-        money = "SUM(a.cost_picousd) AS cost_picousd, SUM(a.reported_cost_picousd) AS reported_cost_picousd"
-        tokens = (
-            "COUNT(*) AS attempts, SUM(CASE WHEN a.outcome = 'success' THEN 1 ELSE 0 END) AS succeeded, "
-            "SUM(a.prompt_tokens) AS prompt_tokens, SUM(a.cached_tokens) AS cached_tokens, "
-            "SUM(a.completion_tokens) AS completion_tokens, SUM(a.reasoning_tokens) AS reasoning_tokens"
-        )
-        key = {
-            "model": "a.endpoint, a.model",
-            "day": "date(a.started_at)",
-            "run": "a.run_id",
-            "route": "a.endpoint, a.model",
-        }[by]
-        label = {
-            "model": "a.endpoint AS endpoint, a.model AS model",
-            "day": "date(a.started_at) AS day",
-            "run": "a.run_id AS run_id",
-            "route": "a.endpoint AS endpoint, a.model AS model",
-        }[by]
-        sql = f"SELECT {label}, {tokens}, {money} FROM attempt a {where} GROUP BY {key} ORDER BY {key}"
-        rows = await store.execute_text(sql, params)
+        rows = await store.execute_text(sql, {"since": since} if since else {})
     finally:
         await store.close()
     out = []
     for r in rows:
         r = dict(r)
-        r["cost_usd"] = _money(r.pop("cost_picousd"))
-        r["reported_cost_usd"] = _money(r.pop("reported_cost_picousd"))
+        for name in ("cost", "reported_cost", "difference"):
+            r[f"{name}_usd"] = _money(r.pop(f"{name}_picousd"))
         out.append(r)
-    cols = list(out[0]) if out else []
+    cols = list(out[0]) if out else [*labels, "requests", "attempts", "cost_usd"]
     return cols, out
 
 
 def _money(pico: Any) -> str | None:
+    """Exact USD as text (picodollar precision, trailing zeros dropped)."""
     v = usd(None if pico is None else int(pico))
-    return None if v is None else f"{v:.6f}"
+    if v is None:
+        return None
+    text = f"{v:.12f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+async def estimate(spec: JobSpec) -> dict[str, Any]:
+    """Rows, estimated tokens and cost per route, before anything is spent. Streams the input."""
+    source = RowSource(
+        spec.input,
+        template=spec.template,
+        defaults=spec.request_defaults,
+        models=frozenset(r.model for r in spec.routes),
+    )
+
+    def scan() -> tuple[int, int, int]:
+        rows = prompt = output = 0
+        for row in source.rows():
+            rows += 1
+            prompt += estimate_prompt_tokens(row.body)
+            allowance = row.body.get("max_completion_tokens") or row.body.get("max_tokens")
+            output += int(allowance or DEFAULT_OUTPUT_RESERVE) * int(row.body.get("n") or 1)
+        return rows, prompt, output
+
+    rows, prompt, output = await anyio.to_thread.run_sync(scan)
+    prices = PriceBook(spec.prices)
+    now = utcnow()
+    routes = []
+    for r in spec.routes:
+        provider = spec.endpoints[r.endpoint].provider
+
+        def price(p: int, c: int, model: str = r.model, prov: str | None = provider) -> str | None:
+            cost = prices.cost(model, Usage(prompt=p, completion=c, total=p + c), provider=prov, at=now)
+            return None if cost.picousd is None else f"{usd(cost.picousd):.6f}"
+
+        routes.append(
+            {
+                "endpoint": r.endpoint,
+                "model": r.model,
+                "input_cost_usd": price(prompt, 0),
+                "expected_cost_usd": price(prompt, output // 2),
+                "worst_case_cost_usd": price(prompt, output),
+            }
+        )
+    return {
+        "input": str(spec.input.path),
+        "rows": rows,
+        "prompt_tokens": prompt,
+        "max_output_tokens": output,
+        "routes": routes,
+        "notes": [
+            "prompt tokens are estimated as characters / 4 plus per-message overhead",
+            "expected cost assumes half the output allowance (max_tokens, or "
+            f"{DEFAULT_OUTPUT_RESERVE} when unset) is used; worst case assumes all of it",
+            "each route is priced as if it answered every request",
+        ],
+    }

@@ -118,7 +118,9 @@ class MockConfig:
     ``retry_after_s`` is sent on injected 429s. ``models`` None accepts any model name.
     ``api_key`` requires ``Authorization: Bearer <key>``. ``seed`` seeds the fault and jitter
     draws. ``reasoning_tokens`` (per choice) and ``cached_tokens`` shape the usage;
-    ``report_cost`` adds ``usage.cost`` at the module's toy prices.
+    ``report_cost`` adds ``usage.cost`` at the module's toy prices. ``finish_error_first``
+    answers the first N sightings of each body (non-streamed) with a 200 whose
+    ``finish_reason`` is ``"error"``, usage included, as providers bill such answers.
     """
 
     host: str = "127.0.0.1"
@@ -145,11 +147,20 @@ class MockConfig:
     reasoning_tokens: int = 0
     cached_tokens: int = 0
     report_cost: bool = False
+    finish_error_first: int = 0
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "jitter_ms", "retry_after_s"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0")
-        for name in ("port", "rpm", "tpm", "fail_first", "reasoning_tokens", "cached_tokens"):
+        for name in (
+            "port",
+            "rpm",
+            "tpm",
+            "fail_first",
+            "finish_error_first",
+            "reasoning_tokens",
+            "cached_tokens",
+        ):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0")
         rates = (self.rate_429, self.rate_500, self.rate_invalid_json)
         _require(all(0.0 <= r <= 1.0 for r in rates), "fault rates must be within 0..1")
@@ -387,6 +398,7 @@ class _Plan:
     reasoning_tokens: int
     cached_tokens: int
     rate_tokens: int
+    finish_error: bool = False  # answer with finish_reason "error" (billed usage kept)
 
 
 def _tokens(text: str) -> int:
@@ -717,6 +729,7 @@ class _State:
     by_model: dict[str, int] = field(default_factory=dict)
     completions: int = 0
     seen: dict[bytes, int] = field(default_factory=dict)
+    seen_finish: dict[bytes, int] = field(default_factory=dict)
     stored: dict[str, _Stored] = field(default_factory=dict)
     window: _Window | None = None
     faults: random.Random = field(default_factory=random.Random)
@@ -734,6 +747,7 @@ class _State:
         self.by_status = {}
         self.by_model = {}
         self.seen = {}
+        self.seen_finish = {}
         self.stored = {}
         self.window = _Window(cfg.rpm, cfg.tpm) if cfg.rpm or cfg.tpm else None
         self.faults = random.Random(cfg.seed)
@@ -810,6 +824,9 @@ class _Provider:
             return self._fail_response(fail, started)
         answer = self._new_answer(chat)
         completion = _completion(answer, plan, self.config) if chat.store or not chat.stream else {}
+        if plan.finish_error and not chat.stream:
+            for choice in completion["choices"]:
+                choice["finish_reason"] = "error"
         if chat.store:
             self._store(chat, completion)
         if chat.stream:
@@ -838,6 +855,12 @@ class _Provider:
             state.window.admit(time.monotonic(), plan.rate_tokens, chat.model)
         if self.config.fail_first:
             self._fail_first(raw, chat)
+        if self.config.finish_error_first:
+            key = hashlib.blake2b(raw, digest_size=16).digest()
+            seen = state.seen_finish.get(key, 0)
+            if seen < self.config.finish_error_first:
+                state.seen_finish[key] = seen + 1
+                plan.finish_error = True
         if self.config.rate_429 or self.config.rate_500 or self.config.rate_invalid_json:
             self._random_fault(chat)
         return chat, plan
