@@ -20,11 +20,11 @@ log = logging.getLogger("pipeline")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="pipeline: %(message)s",
-        stream=sys.stderr,
-    )
+    """Our messages go to stderr as "pipeline: ..."; other libraries stay quiet."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pipeline: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "aiohttp", "alembic", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -16,6 +16,7 @@ import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,9 @@ class RowSource:
         elif "messages" in obj:
             body = {k: v for k, v in obj.items() if k != "custom_id"}
             if self.spec.format == "parquet":
-                body["messages"] = _drop_nulls(body["messages"])
+                # A Parquet column holds every field for every row: null means "not set".
+                body = {k: v for k, v in body.items() if v is not None}
+                body["messages"] = _drop_nulls(body.get("messages"))
         elif self.template is not None:
             record = obj
             if self.spec.id_column is not None:
@@ -237,6 +240,10 @@ class RowSource:
         body = obj["body"]
         if not isinstance(body, dict):
             raise InputError(self.path, pos, "body", f"expected an object, got {type(body).__name__}")
+        if self.spec.format == "parquet":
+            body = {k: v for k, v in body.items() if v is not None}
+            if "messages" in body:
+                body["messages"] = _drop_nulls(body["messages"])
         if "messages" not in body:
             raise InputError(self.path, pos, "body.messages", "missing")
         return dict(body)
@@ -307,7 +314,13 @@ class RowSource:
             value = record[col]
             if value is None:
                 return ""
-            return value if isinstance(value, str) else orjson.dumps(value).decode()
+            if isinstance(value, str):
+                return value
+            if isinstance(value, Decimal):
+                return str(value)
+            if isinstance(value, bytes):
+                return value.decode("utf-8", "replace")
+            return orjson.dumps(value, default=str).decode()
 
         return _PLACEHOLDER.sub(sub, text)
 

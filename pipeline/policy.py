@@ -65,7 +65,11 @@ _CONTEXT = re.compile(
     r"reduce the length|input is too long",
     re.IGNORECASE,
 )
-_QUOTA = re.compile(r"insufficient[_ ]quota|out of credits|insufficient credits|billing|quota exceeded", re.I)
+_QUOTA = re.compile(
+    r"insufficient[_ ]quota|out of credits|insufficient credits|exceeded your current quota|"
+    r"credit balance is too low",
+    re.I,
+)
 _FILTER_CODES = {"content_filter", "content_policy_violation", "content_policy"}
 
 
@@ -100,7 +104,11 @@ def _rule_name(exc: RequestError) -> str:
     text = f"{code} {exc.message}"
     status = exc.status or 0
     if isinstance(exc, RateLimited) or status == 429:
+        if code == "rate_limit_exceeded":
+            return "rate_limited"
         return "quota" if _QUOTA.search(text) else "rate_limited"
+    if status in (400, 403) and code in _FILTER_CODES:
+        return "content_filter"
     if status in (401, 403):
         return "auth"
     if status == 402:
@@ -109,8 +117,6 @@ def _rule_name(exc: RequestError) -> str:
         return "model_not_found"
     if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT.search(exc.message)):
         return "context_length"
-    if status in (400, 403) and code in _FILTER_CODES:
-        return "content_filter"
     if status in (408, 409):
         return "timeout_or_conflict"
     if isinstance(exc, ServerError) or status >= 500:

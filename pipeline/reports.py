@@ -178,7 +178,7 @@ async def estimate(spec: JobSpec) -> dict[str, Any]:
 
         def price(p: int, c: int, model: str = r.model, prov: str | None = provider) -> str | None:
             cost = prices.cost(model, Usage(prompt=p, completion=c, total=p + c), provider=prov, at=now)
-            return None if cost.picousd is None else f"{usd(cost.picousd):.6f}"
+            return _money(cost.picousd)
 
         routes.append(
             {

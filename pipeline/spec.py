@@ -200,7 +200,10 @@ class JobSpec:
                 "messages": [dict(m) for m in self.template.messages],
                 "keep_columns": self.template.keep_columns,
             },
-            "prices": {m: {k: str(v) for k, v in p.__dict__.items()} for m, p in self.prices.items()},
+            "prices": {
+                m: {k: None if v is None else str(v) for k, v in p.__dict__.items()}
+                for m, p in self.prices.items()
+            },
             "budget_usd": None if self.budget_usd is None else str(self.budget_usd),
             "on_bad_row": self.on_bad_row,
         }

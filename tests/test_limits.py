@@ -1,0 +1,262 @@
+"""Unit tests of the rate limiter, on a fake clock whose sleep moves time forward (no real waiting)."""
+
+from __future__ import annotations
+
+import random
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from pipeline.limits import Bucket, RouteLimiter
+from pipeline.spec import LimitsSpec
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeClock:
+    """A clock that only moves when someone sleeps; each sleep jumps it forward by the delay."""
+
+    def __init__(self, max_sleeps: int = 100_000) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self.max_sleeps = max_sleeps
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if len(self.sleeps) > self.max_sleeps:
+            raise AssertionError("the limiter keeps sleeping: it never grants (a deadlock or a busy loop)")
+        self.now += max(0.0, seconds)
+        await anyio.lowlevel.checkpoint()
+
+
+def bucket(limit: float, period: float = 60.0) -> tuple[Bucket, FakeClock]:
+    clock = FakeClock()
+    return Bucket(limit, period, clock=clock, sleep=clock.sleep), clock
+
+
+def heaviest_window(grants: list[tuple[float, float]], period: float) -> float:
+    """The largest total granted in any half-open window [t, t + period) that starts at a grant."""
+    return max(sum(a for u, a in grants if t <= u < t + period) for t, _ in grants)
+
+
+async def acquire_all(b: Bucket, clock: FakeClock, amounts: list[float]) -> list[tuple[float, float]]:
+    """Acquire every amount from concurrent tasks started in order; return (grant time, amount)."""
+    grants: list[tuple[float, float]] = []
+
+    async def one(amount: float) -> None:
+        await b.acquire(amount)
+        grants.append((clock.now, amount))
+
+    async with anyio.create_task_group() as tg:
+        for amount in amounts:
+            tg.start_soon(one, amount)
+            await anyio.lowlevel.checkpoint()
+    return grants
+
+
+@pytest.mark.parametrize(
+    ("limit", "period", "amounts"),
+    [
+        pytest.param(60, 60.0, [1.0] * 200, id="rpm-60"),
+        pytest.param(7, 10.0, [1.0] * 50, id="rpm-odd-period"),
+        pytest.param(6000, 60.0, [1.0] * 300, id="rpm-large-limit"),
+        pytest.param(
+            1000, 60.0, [float(random.Random(7).randint(1, 400)) for _ in range(80)], id="tpm-mixed-amounts"
+        ),
+        pytest.param(1024, 64.0, [float(a) for a in range(1, 120)], id="tpm-growing-amounts"),
+    ],
+)
+@pytest.mark.anyio
+async def test_grants_never_exceed_the_limit_in_any_window(
+    limit: float, period: float, amounts: list[float]
+) -> None:
+    """Over many acquisitions, no window of ``period`` seconds holds more than ``limit`` units."""
+    b, clock = bucket(limit, period)
+    grants = await acquire_all(b, clock, amounts)
+    assert len(grants) == len(amounts)
+    assert heaviest_window(grants, period) <= limit + 1e-9
+    if sum(amounts) > limit:
+        # the limit really bound: the grants had to spread over more than one window
+        assert max(t for t, _ in grants) >= period * (sum(amounts) / limit - 1) - 1e-9
+
+
+@pytest.mark.anyio
+async def test_grants_are_paced_not_burst_at_the_start() -> None:
+    """With a large limit the grants spread over the period (a one-second burst at most), not all at t=0."""
+    b, clock = bucket(480, 60.0)  # 8 per second, one every 0.125 s
+    grants = await acquire_all(b, clock, [1.0] * 480)
+    times = [t for t, _ in grants]
+    assert sum(1 for t in times if t == 0.0) <= 1 + 480 / 60
+    assert times == sorted(times)
+    assert times[-1] >= 55.0
+    # and no second of the run gets more than a second's worth plus the burst
+    assert heaviest_window(grants, 1.0) <= 2 * 480 / 60 + 1
+
+
+@pytest.mark.anyio
+async def test_large_request_is_not_starved_by_small_ones_queued_after_it() -> None:
+    """Waiters are served first come, first served: a big reservation goes before later small ones."""
+    b, clock = bucket(100, 60.0)
+    await b.acquire(95)  # the window is nearly full; small requests would fit long before a big one
+    order: list[tuple[str, float]] = []
+
+    async def take(name: str, amount: float) -> None:
+        await b.acquire(amount)
+        order.append((name, clock.now))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take, "big", 100.0)
+        await anyio.lowlevel.checkpoint()
+        for i in range(5):
+            tg.start_soon(take, f"small-{i}", 5.0)
+            await anyio.lowlevel.checkpoint()
+
+    assert [name for name, _ in order] == ["big"] + [f"small-{i}" for i in range(5)]
+    big_at = order[0][1]
+    assert big_at >= 60.0
+    assert all(at >= big_at for _, at in order)
+
+
+@pytest.mark.anyio
+async def test_settle_gives_back_unused_tokens_so_the_next_request_goes_sooner() -> None:
+    """Settling a reservation to the real usage frees the difference for the next request."""
+    control, control_clock = bucket(1000, 60.0)
+    await control.acquire(1000)
+    await control.acquire(500)
+    unsettled_wait = control_clock.now
+
+    b, clock = bucket(1000, 60.0)
+    grant = await b.acquire(1000)
+    b.settle(grant, 100)
+    assert b.used == 100
+    await b.acquire(500)
+
+    assert unsettled_wait >= 60.0
+    assert clock.now < unsettled_wait / 2
+
+
+@pytest.mark.anyio
+async def test_settle_after_the_grant_left_the_window_does_not_change_usage() -> None:
+    """Settling a grant that already expired from the window leaves the window's count alone."""
+    b, clock = bucket(100, 60.0)
+    old = await b.acquire(50)
+    clock.now = 61.0
+    await b.acquire(10)
+    b.settle(old, 0)
+    assert b.used == 10
+
+
+@pytest.mark.anyio
+async def test_amounts_over_the_limit_are_clamped_without_deadlock() -> None:
+    """A request for more than the whole limit is clamped to the limit and still granted, every time."""
+    b, clock = bucket(100, 60.0)
+    first = await b.acquire(250)
+    second = await b.acquire(250)
+    assert (first.amount, second.amount) == (100.0, 100.0)
+    assert clock.now >= 60.0
+
+
+def test_bucket_rejects_a_non_positive_limit() -> None:
+    """A bucket needs a positive limit (0 means "no bucket" one level up)."""
+    with pytest.raises(ValueError, match="positive"):
+        Bucket(0)
+
+
+@pytest.mark.anyio
+async def test_cool_down_delays_the_next_slot() -> None:
+    """After cool_down(s) the route's next slot opens no earlier than s seconds later; a shorter
+    cooldown does not cut a longer one short."""
+    clock = FakeClock()
+    limiter = RouteLimiter(LimitsSpec(concurrency=4), clock=clock, sleep=clock.sleep)
+    limiter.cool_down(5.0)
+    limiter.cool_down(1.0)
+    async with limiter.slot(10):
+        opened = clock.now
+    async with limiter.slot(10):
+        reopened = clock.now
+    assert opened >= 5.0
+    assert reopened == opened
+
+
+@pytest.mark.anyio
+async def test_slot_without_cooldown_or_limits_opens_at_once() -> None:
+    """With no rpm/tpm and no cooldown a slot never sleeps."""
+    clock = FakeClock()
+    limiter = RouteLimiter(LimitsSpec(concurrency=2), clock=clock, sleep=clock.sleep)
+    async with limiter.slot(1000) as permit:
+        permit.settle(10)
+    assert clock.sleeps == []
+    assert limiter.rpm is None and limiter.tpm is None
+
+
+@pytest.mark.anyio
+async def test_concurrency_never_exceeds_the_limit() -> None:
+    """Many tasks through one route never have more than ``concurrency`` slots open at once."""
+    clock = FakeClock()
+    limiter = RouteLimiter(LimitsSpec(concurrency=3), clock=clock, sleep=clock.sleep)
+    inside = 0
+    peak = 0
+    seen_in_flight: set[int] = set()
+
+    async def request() -> None:
+        nonlocal inside, peak
+        async with limiter.slot(1):
+            inside += 1
+            peak = max(peak, inside)
+            seen_in_flight.add(limiter.in_flight)
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()
+            inside -= 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(40):
+            tg.start_soon(request)
+
+    assert peak == 3
+    assert max(seen_in_flight) == 3
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_route_limiter_keeps_rpm_and_tpm_in_every_window() -> None:
+    """Requests through a route with rpm and tpm stay within both in every minute."""
+    clock = FakeClock()
+    limiter = RouteLimiter(LimitsSpec(rpm=30, tpm=2000, concurrency=8), clock=clock, sleep=clock.sleep)
+    rng = random.Random(3)
+    reserved = [rng.randint(50, 300) for _ in range(60)]
+    grants: list[tuple[float, float]] = []
+    used: list[tuple[float, float]] = []
+
+    async def request(tokens: int) -> None:
+        async with limiter.slot(tokens) as permit:
+            grants.append((clock.now, 1.0))
+            actual = tokens // 2
+            used.append((clock.now, float(actual)))
+            permit.settle(actual)
+
+    async with anyio.create_task_group() as tg:
+        for tokens in reserved:
+            tg.start_soon(request, tokens)
+
+    assert len(grants) == 60
+    assert heaviest_window(grants, 60.0) <= 30
+    assert heaviest_window(used, 60.0) <= 2000
+    assert max(t for t, _ in grants) >= 60.0
+
+
+@pytest.mark.anyio
+async def test_permit_settle_returns_tokens_to_the_route() -> None:
+    """Settling a permit with the real usage gives the rest of the reservation back to the TPM bucket."""
+    clock = FakeClock()
+    limiter = RouteLimiter(LimitsSpec(tpm=1000), clock=clock, sleep=clock.sleep)
+    async with limiter.slot(800) as permit:
+        assert limiter.tpm is not None and limiter.tpm.used == 800
+        permit.settle(120)
+    assert limiter.tpm.used == 120
