@@ -336,4 +336,24 @@ def batch_output_line(r: Mapping[str, Any]) -> dict[str, Any]:
                 "request_id": r.get("provider_request_id"),
                 "body": {"error": {"message": r.get("error"), "type": r.get("error_class"), "code": None}},
             }
-    return {"id": line_id, "custom_id": r["custom_id"], "response": response, "error": error}
+    billing = {
+        "attempts": r.get("attempts"),
+        "prompt_tokens": r.get("prompt_tokens"),
+        "completion_tokens": r.get("completion_tokens"),
+        "cached_tokens": r.get("cached_tokens"),
+        "reasoning_tokens": r.get("reasoning_tokens"),
+        "cost_usd": _text_money(r.get("cost_picousd")),
+        "reported_cost_usd": _text_money(r.get("reported_cost_picousd")),
+    }
+    return {
+        "id": line_id,
+        "custom_id": r["custom_id"],
+        "response": response,
+        "error": error,
+        "billing": billing,
+    }
+
+
+def _text_money(pico: int | None) -> str | None:
+    v = _money(pico)
+    return None if v is None else format(v.normalize(), "f")

@@ -48,6 +48,24 @@ class PriceBook:
     def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
         self._overrides = dict(overrides or {})
         self._unknown: set[tuple[str | None, str]] = set()
+        self._windows: dict[tuple[str | None, str], int | None] = {}
+
+    def context_window(self, model: str, *, provider: str | None) -> int | None:
+        """The model's context window from the catalogue (it bounds the output), if known."""
+        key = (provider, model)
+        if key not in self._windows:
+            from genai_prices import Usage as GUsage
+            from genai_prices import calc_price
+
+            try:
+                info = calc_price(
+                    GUsage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider
+                )
+                window = info.model.context_window
+                self._windows[key] = int(window) if window else None
+            except LookupError:
+                self._windows[key] = None
+        return self._windows[key]
 
     def cost(self, model: str, usage: Usage | None, *, provider: str | None, at: datetime) -> Cost:
         if usage is None:

@@ -30,7 +30,8 @@ from pipeline.store.db import utcnow
 
 __all__ = ["EndpointState", "Route", "Task", "Worker"]
 
-DEFAULT_OUTPUT_RESERVE = 1024  # tokens reserved for the answer when max_tokens is unset
+DEFAULT_OUTPUT_RESERVE = 1024  # tokens reserved against TPM for the answer when max_tokens is unset
+UNKNOWN_OUTPUT_LIMIT = 16_384  # budget worst case when max_tokens is unset and the model is unknown
 
 
 class _OverBudget(Exception):
@@ -72,7 +73,8 @@ class _Walk:
     task: Task
     attempts: list[Attempt] = field(default_factory=list)
     prompt_tokens: int = 0
-    output_tokens: int = 0
+    max_output: int | None = None  # max_tokens x n, when the request sets it
+    n: int = 1
     tokens: int = 0
 
     @property
@@ -119,10 +121,11 @@ class Worker:
     async def process(self, task: Task) -> Outcome:
         walk = _Walk(task)
         body = task.body
-        out_reserve = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_OUTPUT_RESERVE
+        allowance = body.get("max_completion_tokens") or body.get("max_tokens")
+        walk.n = int(body.get("n") or 1)
+        walk.max_output = int(allowance) * walk.n if allowance else None
         walk.prompt_tokens = estimate_prompt_tokens(body)
-        walk.output_tokens = int(out_reserve) * int(body.get("n") or 1)
-        walk.tokens = walk.prompt_tokens + walk.output_tokens
+        walk.tokens = walk.prompt_tokens + (walk.max_output or DEFAULT_OUTPUT_RESERVE * walk.n)
         last_error: str | None = None
         with anyio.move_on_after(self.retry.deadline_s) as deadline:
             for route in self.routes:
@@ -209,7 +212,11 @@ class Worker:
     async def _attempt(self, route: Route, walk: _Walk) -> Completion:
         reserved = 0
         if self.budget is not None:
-            reserved = self.worst_case_picousd(route, walk.prompt_tokens, walk.output_tokens) or 0
+            output = walk.max_output
+            if output is None:  # unset: the model's limit (its context window), as a provider could bill it
+                window = self.prices.context_window(route.spec.model, provider=route.provider)
+                output = (window or UNKNOWN_OUTPUT_LIMIT) * walk.n
+            reserved = self.worst_case_picousd(route, walk.prompt_tokens, output) or 0
             if not self.budget.reserve(reserved):
                 raise _OverBudget
         try:

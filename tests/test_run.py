@@ -244,7 +244,8 @@ def test_export_writes_openai_batch_output_lines(
     lines = [orjson.loads(x) for x in (workdir / "ok.jsonl").read_bytes().splitlines()]
     assert [x["custom_id"] for x in lines] == ["q-0", "q-1"]
     for x in lines:
-        assert set(x) == {"id", "custom_id", "response", "error"}
+        assert set(x) == {"id", "custom_id", "response", "error", "billing"}
+        assert x["billing"]["attempts"] == 1 and x["billing"]["prompt_tokens"] > 0
         assert x["error"] is None and x["response"]["status_code"] == 200
         assert x["response"]["request_id"].startswith("req_")
         assert x["response"]["body"]["object"] == "chat.completion"
