@@ -83,6 +83,7 @@ request = Table(
     Column("cost_picousd", BigInteger),  # sum of the computed cost of every attempt
     Column("reported_cost_picousd", BigInteger),  # sum of the provider-reported cost
     Column("finished_at", DateTime),
+    Column("claimed_at", DateTime),  # write-ahead: set before the request is sent
     PrimaryKeyConstraint("run_id", "custom_id"),
     UniqueConstraint("run_id", "seq"),
     ForeignKeyConstraint(["run_id"], ["run.run_id"]),
@@ -124,6 +125,11 @@ attempt = Table(
     Column("cost_note", Text),
     Column("reported_cost_picousd", BigInteger),
     Column("upstream_cost_picousd", BigInteger),
+    Column("stream", Boolean),
+    Column("ttft_ms", Float),  # time to first token (streamed attempts)
+    Column("ttlt_ms", Float),  # time to last token
+    Column("output_tokens_per_s", Float),
+    Column("partial", Boolean),  # the completion is what arrived before a stream broke
     PrimaryKeyConstraint("run_id", "custom_id", "attempt_no"),
     ForeignKeyConstraint(["run_id", "custom_id"], ["request.run_id", "request.custom_id"]),
     Index(None, "started_at"),
@@ -146,6 +152,8 @@ completion = Table(
     Column("tool_calls", Text),  # JSON
     Column("choices_json", Text),  # every choice, when n > 1 (JSON)
     Column("raw", Text),  # the response body as received
+    Column("parsed", Text),  # the structured answer (JSON), when response_format asks for one
+    Column("validation_error", Text),
     PrimaryKeyConstraint("run_id", "custom_id", "attempt_no"),
     ForeignKeyConstraint(
         ["run_id", "custom_id", "attempt_no"],
@@ -168,7 +176,7 @@ VIEWS: dict[str, str] = {
     "request_result": """
         SELECT r.run_id, r.custom_id, r.seq, r.state, r.attempts, r.error,
                a.endpoint, a.model, c.model AS response_model, c.response_id, c.finish_reason,
-               c.content, c.reasoning, c.refusal, c.tool_calls,
+               c.content, c.parsed, c.reasoning, c.refusal, c.tool_calls,
                a.prompt_tokens, a.completion_tokens, a.total_tokens, a.cached_tokens,
                a.reasoning_tokens,
                r.cost_picousd / 1e12 AS cost_usd,
