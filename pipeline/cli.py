@@ -178,8 +178,14 @@ def status(run_id: str | None, db: str, as_json: bool) -> None:
     click.echo(f"run {info['run_id']} (job {info['job']}): {info['state']}")
     click.echo(
         f"  requests {info['requests']}: {c['succeeded']} succeeded, {c['failed']} failed, "
-        f"{c['rejected']} rejected, {c['pending']} pending"
+        f"{c['rejected']} rejected, {c['pending']} pending, {c['in_flight']} in flight"
     )
+    if c["in_flight"] and info["state"] != "running":
+        click.echo(
+            f"  {c['in_flight']} requests were in flight when the run stopped: the provider may have "
+            "answered (and billed) them; a rerun sends them again, or recovers them if "
+            "[recovery] stored_completions is on"
+        )
     click.echo(
         f"  attempts {info['attempts']}; tokens: prompt {info['prompt_tokens']} "
         f"(cached {info['cached_tokens']}), completion {info['completion_tokens']} "

@@ -22,6 +22,7 @@ from pipeline.errors import (
     HTTPStatusError,
     InvalidResponse,
     RateLimited,
+    RequestError,
     ServerError,
     TransportError,
 )
@@ -68,6 +69,31 @@ class ChatClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def find_stored(self, metadata: Mapping[str, str]) -> Completion | None:
+        """A completion stored at the provider (``store: true``) whose metadata matches, if any.
+
+        Uses ``GET /chat/completions?metadata[k]=v``. Any failure means "not found": the
+        caller then sends the request again, which is what it would do without recovery.
+        """
+        params = {f"metadata[{k}]": v for k, v in metadata.items()}
+        params["limit"] = "1"
+        try:
+            response = await self._http.get(self._url, params=params)
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        try:
+            data = orjson.loads(response.content).get("data")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+            return None
+        try:
+            return parse_completion(orjson.dumps(data[0]), request_id=response.headers.get("x-request-id"))
+        except RequestError:
+            return None
 
     async def complete(self, model: str, body: Mapping[str, Any]) -> tuple[Completion, int]:
         """One attempt. Returns the completion and the HTTP status, or raises RequestError."""

@@ -1,13 +1,20 @@
 """The single writer: takes finished requests from a stream, commits them in batches.
 
 Workers never touch the database; they send :class:`~pipeline.records.Outcome` objects
-here. A batch closes when it holds ``batch_size`` outcomes or ``max_delay`` seconds after
+here. The feeder sends :class:`Claim` messages on the same stream: a page of requests is
+marked in flight (one commit for the page) *before* any of them is sent, so after a crash
+the database names every request that may have been paid for without a recorded answer.
+
+A batch closes when it holds ``batch_size`` outcomes or ``max_delay`` seconds after
 its first one, so a busy run commits rarely and a quiet one still commits promptly. After
 each commit the same rows go to the Parquet part writer (derived output) and the counters.
 The recorder knows nothing of HTTP.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import ObjectReceiveStream
@@ -17,7 +24,16 @@ from pipeline.progress import Counters
 from pipeline.records import Outcome
 from pipeline.store.db import Store
 
-__all__ = ["Recorder"]
+__all__ = ["Claim", "Recorder"]
+
+
+@dataclass
+class Claim:
+    """Mark requests in flight (``release=False``) or give unsent ones back (``release=True``)."""
+
+    custom_ids: Sequence[str]
+    release: bool = False
+    done: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Recorder:
@@ -40,28 +56,45 @@ class Recorder:
         self.commits = 0
         self.recorded = 0
 
-    async def run(self, outcomes: ObjectReceiveStream[Outcome]) -> None:
-        """Consume until the stream closes; every received outcome is committed."""
-        async with outcomes:
+    async def run(self, messages: ObjectReceiveStream[Outcome | Claim]) -> None:
+        """Consume until the stream closes; every received message is committed, in order."""
+        async with messages:
             while True:
                 try:
-                    first = await outcomes.receive()
+                    first = await messages.receive()
                 except anyio.EndOfStream:
                     break
+                if isinstance(first, Claim):
+                    await self.claim(first)
+                    continue
                 batch = [first]
                 ended = False
+                claim: Claim | None = None
                 with anyio.move_on_after(self.max_delay):
                     while len(batch) < self.batch_size:
                         try:
-                            batch.append(await outcomes.receive())
+                            msg = await messages.receive()
                         except anyio.EndOfStream:
                             ended = True
                             break
+                        if isinstance(msg, Claim):
+                            claim = msg
+                            break
+                        batch.append(msg)
                 await self.commit(batch)
+                if claim is not None:
+                    await self.claim(claim)
                 if ended:
                     break
         if self.parts is not None:
             await self.parts.flush()
+
+    async def claim(self, claim: Claim) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.store.claim(self.run_id, claim.custom_ids, release=claim.release)
+            finally:
+                claim.done.set()
 
     async def commit(self, batch: list[Outcome]) -> None:
         with anyio.CancelScope(shield=True):  # a received outcome is never dropped half-way

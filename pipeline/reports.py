@@ -62,7 +62,7 @@ async def status(db: str, run_id: str | None) -> dict[str, Any]:
         "state": run["state"],
         "input": run["input_path"],
         "requests": sum(counts.values()),
-        "counts": {s: counts.get(s, 0) for s in ("pending", "succeeded", "failed", "rejected")},
+        "counts": {s: counts.get(s, 0) for s in ("pending", "in_flight", "succeeded", "failed", "rejected")},
         "attempts": totals.get("attempts") or 0,
         "prompt_tokens": totals.get("prompt_tokens") or 0,
         "completion_tokens": totals.get("completion_tokens") or 0,

@@ -36,7 +36,7 @@ from pipeline.outputs import PartWriter, write_parquet
 from pipeline.plan import Budget
 from pipeline.pricing import PriceBook, picousd, usd
 from pipeline.progress import Counters, Display
-from pipeline.recorder import Recorder
+from pipeline.recorder import Claim, Recorder
 from pipeline.records import Outcome
 from pipeline.spec import JobSpec, resolve_api_key
 from pipeline.store.db import Store, utcnow
@@ -126,7 +126,7 @@ async def execute(
                 )
                 raise
 
-        states = ("pending", "failed") if retry_failed else ("pending",)
+        states = ("pending", "in_flight", "failed") if retry_failed else ("pending", "in_flight")
         out_dir = results_dir(spec.out, spec.job, run_id)
         keep = spec.template.keep_columns if spec.template else None
         # What earlier sessions finished goes in results.parquet; this session's go in parts.
@@ -152,10 +152,25 @@ async def execute(
         recorder = Recorder(store, run_id, parts=parts, counters=counters)
         await store.update_run(run_id, state="running", started_at=utcnow(), error=None)
         log.info("run %s: %d requests to send (database %s)", run_id, counters.total, spec.db)
-
-        interrupted = await _dispatch(
-            store, run_id, states, worker, recorder, counters, display, handle_signals
+        plan = _Dispatch(
+            run_id=run_id,
+            states=states,
+            recover_stored=spec.recover_stored,
+            in_flight_before=before.get("in_flight", 0),
+            grace_s=spec.grace_s,
         )
+        if plan.in_flight_before:
+            log.warning(
+                "run %s: %d requests were in flight when the last session stopped; %s",
+                run_id,
+                plan.in_flight_before,
+                "looking their answers up at the provider first"
+                if spec.recover_stored
+                else "they are sent again (the provider may have answered them already)",
+            )
+
+        await _dispatch(store, plan, worker, recorder, counters, display, handle_signals)
+        interrupted = plan.interrupted
 
         await _write_results(store, run_id, out_dir, keep, FINAL_STATES)
         parts.clear()
@@ -210,7 +225,9 @@ async def _fresh_run_id(store: Store, base: str) -> str:
 def _verdict(counts: Mapping[str, int], interrupted: bool, worker: Worker) -> tuple[str, int, str]:
     stopped = [r.endpoint for r in worker.routes if r.endpoint.stopped]
     if interrupted:
-        return "interrupted", 130, "interrupted: rerun the same command to resume"
+        left = counts.get("in_flight", 0)
+        note = f"; {left} requests were abandoned in flight (sent again on resume)" if left else ""
+        return "interrupted", 130, f"interrupted: rerun the same command to resume{note}"
     if stopped and not worker.usable():
         ep = stopped[0]
         code = 2 if ep.rule == "auth" else 1
@@ -223,7 +240,7 @@ def _verdict(counts: Mapping[str, int], interrupted: bool, worker: Worker) -> tu
             f"budget cap of ${usd(b.cap_picousd)} reached (spent ${usd(b.spent_picousd)}); "
             f"{counts['pending']} requests left: rerun with a larger --budget-usd to finish",
         )
-    if counts.get("failed", 0) or counts.get("pending", 0) or counts.get("rejected", 0):
+    if any(counts.get(s, 0) for s in ("failed", "pending", "in_flight", "rejected")):
         return "failed", 1, ""
     return "completed", 0, ""
 
@@ -335,46 +352,98 @@ def _routes(
     return routes
 
 
+@dataclass
+class _Dispatch:
+    """What one session sends: which request states, and how (recovery, grace period)."""
+
+    run_id: str
+    states: tuple[str, ...]
+    recover_stored: bool
+    in_flight_before: int  # requests an earlier session left in flight (maybe paid)
+    grace_s: float
+    interrupted: bool = False
+
+
+def _task(plan: _Dispatch, row: tuple[Any, ...]) -> Task:
+    seq, cid, body_text, record, n_prior, state = row
+    body = orjson.loads(body_text)
+    recover = None
+    if plan.recover_stored:
+        tag = {"pipeline_run": plan.run_id, "pipeline_request": cid}
+        metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        body = {**body, "store": True, "metadata": {**metadata, **tag}}
+        if state == "in_flight":  # an earlier session may have been answered: look first
+            recover = tag
+    return Task(
+        seq=seq,
+        custom_id=cid,
+        body=body,
+        record=None if record is None else orjson.loads(record),
+        prior_attempts=n_prior,
+        recover=recover,
+    )
+
+
 async def _dispatch(
     store: Store,
-    run_id: str,
-    states: tuple[str, ...],
+    plan: _Dispatch,
     worker: Worker,
     recorder: Recorder,
     counters: Counters,
     display: Display | None,
     handle_signals: bool,
-) -> bool:
-    """Feeder, workers, recorder, progress. Returns True if interrupted by a signal."""
+) -> None:
+    """Feeder, workers, recorder, progress, signals, in one task group.
+
+    The feeder claims each page of requests (write-ahead, one commit a page) before handing
+    them to the workers. On the first SIGINT/SIGTERM nothing new is started, in-flight
+    requests get ``grace_s`` to finish and be recorded, unsent claims are given back; a
+    second signal (or the grace running out) abandons the in-flight ones, which stay marked
+    in flight for the resume.
+    """
     n_workers = max(1, min(10_000, sum(r.limiter.limits.concurrency for r in worker.routes)))
+    page_size = max(50, min(1000, n_workers))
     task_send, task_recv = anyio.create_memory_object_stream[Task](n_workers)
-    out_send, out_recv = anyio.create_memory_object_stream[Outcome](n_workers * 2)
-    interrupted = False
+    out_send, out_recv = anyio.create_memory_object_stream[Outcome | Claim](n_workers * 2)
     recorder_done = anyio.Event()
+    dispatch_done = anyio.Event()
+    stopping = anyio.Event()
+    unsent: list[str] = []
+
+    control = out_send.clone()  # the feeder's claims, and giving back what was never sent
+    leftover = task_recv.clone()  # to find tasks still queued when the run stops
+
+    async def claim(ids: list[str], *, release: bool = False) -> None:
+        c = Claim(ids, release=release)
+        await control.send(c)
+        await c.done.wait()
 
     async def feeder(send: ObjectSendStream[Task]) -> None:
         async with send:
             after = -1
-            while True:
-                page = await store.pending_page(run_id, after, FEED_PAGE, states)
-                if not page:
+            while not stopping.is_set():
+                page = await store.pending_page(plan.run_id, after, page_size, plan.states)
+                if not page or not worker.may_dispatch():
                     return
-                for seq, cid, body, record, n_prior in page:
-                    if not worker.may_dispatch():
-                        return
-                    task = Task(
-                        seq=seq,
-                        custom_id=cid,
-                        body=orjson.loads(body),
-                        record=None if record is None else orjson.loads(record),
-                        prior_attempts=n_prior,
-                    )
-                    await send.send(task)
+                tasks = [_task(plan, row) for row in page]
+                await claim([t.custom_id for t in tasks])
+                sent = 0
+                try:
+                    for task in tasks:
+                        if stopping.is_set() or not worker.may_dispatch():
+                            return
+                        await send.send(task)
+                        sent += 1
+                finally:  # also when cancelled: what was claimed but not handed over is unsent
+                    unsent.extend(t.custom_id for t in tasks[sent:])
                 after = page[-1][0]
 
-    async def work(recv: ObjectReceiveStream[Task], send: ObjectSendStream[Outcome]) -> None:
+    async def work(recv: ObjectReceiveStream[Task], send: ObjectSendStream[Outcome | Claim]) -> None:
         async with recv, send:
             async for task in recv:
+                if stopping.is_set() or not worker.may_dispatch():
+                    unsent.append(task.custom_id)
+                    continue
                 outcome = await worker.process(task)
                 await send.send(outcome)
 
@@ -392,36 +461,57 @@ async def _dispatch(
             counters.in_flight = sum(r.limiter.in_flight for r in worker.routes)
             display.update(counters)
 
-    async def watch_signals(scope: anyio.CancelScope) -> None:
-        nonlocal interrupted
+    async def grace(scope: anyio.CancelScope) -> None:
+        with anyio.move_on_after(plan.grace_s):
+            await dispatch_done.wait()
+        scope.cancel()
+
+    async def watch_signals(scope: anyio.CancelScope, tg: anyio.abc.TaskGroup) -> None:
         try:
             receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
             return
         with receiver as signals:
             async for _ in signals:
-                interrupted = True
-                log.warning("stopping: in-flight requests are abandoned and stay pending for the resume")
-                scope.cancel()
-                return
+                if plan.interrupted:  # the second signal: stop now
+                    log.warning("stopping now: requests still in flight stay marked for the resume")
+                    scope.cancel()
+                    return
+                plan.interrupted = True
+                stopping.set()
+                log.warning(
+                    "stopping: no new requests; waiting up to %gs for those in flight "
+                    "(press Ctrl-C again to stop at once)",
+                    plan.grace_s,
+                )
+                tg.start_soon(grace, scope)
 
     async with anyio.create_task_group() as outer:
         outer.start_soon(record)
         outer.start_soon(show)
         async with anyio.create_task_group() as dispatch:
             if handle_signals:
-                outer.start_soon(watch_signals, dispatch.cancel_scope)
+                outer.start_soon(watch_signals, dispatch.cancel_scope, outer)
             dispatch.start_soon(feeder, task_send)
             async with task_recv, out_send:
                 for _ in range(n_workers):
                     dispatch.start_soon(work, task_recv.clone(), out_send.clone())
-        # Every outcome sender is closed now: the recorder drains and stops.
+                # Wait here (not in the group) so the unsent claims can be given back.
+        dispatch_done.set()
+        with leftover:
+            while True:
+                try:
+                    unsent.append(leftover.receive_nowait().custom_id)
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+        async with control:
+            if unsent:  # claimed but never sent: not paid for, so plainly pending again
+                await claim(unsent, release=True)
         await recorder_done.wait()
         outer.cancel_scope.cancel()
     if display is not None:
         counters.in_flight = 0
         display.close(counters)
-    return interrupted
 
 
 async def _write_results(

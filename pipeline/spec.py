@@ -166,6 +166,8 @@ class JobSpec:
     new_run: bool = False
     on_bad_row: str = "stop"
     mock: MockSpec | None = None
+    recover_stored: bool = False  # send with store + metadata; look in-flight answers up on resume
+    grace_s: float = 30.0  # on the first Ctrl-C / SIGTERM, how long in-flight requests may finish
     source: str = "<flags>"  # the spec file, for messages
 
     @property
@@ -206,6 +208,8 @@ class JobSpec:
             },
             "budget_usd": None if self.budget_usd is None else str(self.budget_usd),
             "on_bad_row": self.on_bad_row,
+            "recovery": {"stored_completions": self.recover_stored},
+            "grace_s": self.grace_s,
         }
 
 
@@ -239,6 +243,8 @@ _TOP_KEYS = {
     "new_run",
     "on_bad_row",
     "mock",
+    "recovery",
+    "grace_s",
 }
 
 
@@ -398,6 +404,7 @@ def _build(raw: dict[str, Any], r: _Reader, default_job: str | None) -> JobSpec:
     if mock is None and any(e.is_mock for e in endpoints.values()):
         mock = MockSpec()
     run_id = raw.get("run_id")
+    recovery = r.table(raw.get("recovery", {}), "recovery", {"stored_completions"})
     return JobSpec(
         job=job,
         input=inp,
@@ -415,6 +422,8 @@ def _build(raw: dict[str, Any], r: _Reader, default_job: str | None) -> JobSpec:
         new_run=r.boolean(raw.get("new_run", False), "new_run"),
         on_bad_row=r.choice(raw.get("on_bad_row", "stop"), "on_bad_row", ("stop", "skip")),
         mock=mock,
+        recover_stored=r.boolean(recovery.get("stored_completions", False), "recovery.stored_completions"),
+        grace_s=r.number(raw.get("grace_s", 30.0), "grace_s"),
         source=r.source,
     )
 

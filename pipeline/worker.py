@@ -66,6 +66,7 @@ class Task:
     body: dict[str, Any]
     record: dict[str, Any] | None = None
     prior_attempts: int = 0  # attempts recorded by earlier sessions of the run
+    recover: dict[str, str] | None = None  # metadata to look the answer up at the provider first
 
 
 @dataclass
@@ -119,6 +120,10 @@ class Worker:
         return self.prices.cost(route.spec.model, usage, provider=route.provider, at=utcnow()).picousd
 
     async def process(self, task: Task) -> Outcome:
+        if task.recover is not None:
+            recovered = await self._recover(task, task.recover)
+            if recovered is not None:
+                return recovered
         walk = _Walk(task)
         body = task.body
         allowance = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -154,6 +159,32 @@ class Worker:
             # Not the request's fault: every endpoint refused us. Leave it for a later run.
             return self._outcome(walk, "pending", last_error)
         return self._outcome(walk, "failed", last_error or "every route failed")
+
+    async def _recover(self, task: Task, metadata: dict[str, str]) -> Outcome | None:
+        """A request that was in flight when an earlier session died: if the provider stored
+        its answer, take that instead of paying again."""
+        seen: set[str] = set()
+        for route in self.routes:
+            if route.endpoint.name in seen or route.endpoint.stopped is not None:
+                continue
+            seen.add(route.endpoint.name)
+            completion = await route.client.find_stored(metadata)
+            if completion is None:
+                continue
+            walk = _Walk(task)
+            a = Attempt(
+                attempt_no=walk.next_no,
+                endpoint=route.spec.endpoint,
+                base_url=route.base_url,
+                model=completion.model or route.spec.model,
+                started_at=utcnow(),
+                http_status=200,
+                outcome="recovered",
+            )
+            walk.attempts.append(a)
+            self._keep(route, a, completion)
+            return self._outcome(walk, "succeeded")
+        return None
 
     def _outcome(self, walk: _Walk, state: str, error: str | None = None) -> Outcome:
         t = walk.task

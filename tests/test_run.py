@@ -267,7 +267,7 @@ def test_status_reports_counts_tokens_and_cost(
     assert r.exit_code == 0, r.stderr
     info = orjson.loads(r.stdout)
     assert info["run_id"] == "t" and info["state"] == "completed"
-    assert info["counts"] == {"pending": 0, "succeeded": 6, "failed": 0, "rejected": 0}
+    assert info["counts"] == {"pending": 0, "in_flight": 0, "succeeded": 6, "failed": 0, "rejected": 0}
     prompt, completion = query(
         workdir / "p.db", "SELECT SUM(prompt_tokens), SUM(completion_tokens) FROM attempt"
     )[0]

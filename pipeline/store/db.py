@@ -170,8 +170,9 @@ class Store:
 
     async def pending_page(
         self, run_id: str, after_seq: int, limit: int, states: Sequence[str] = ("pending",)
-    ) -> list[tuple[int, str, str, str | None, int]]:
-        """Up to ``limit`` requests to send, in input order after ``after_seq``."""
+    ) -> list[tuple[int, str, str, str | None, int, str]]:
+        """Up to ``limit`` requests to send, in input order after ``after_seq``:
+        (seq, custom_id, body, record, attempts so far, state)."""
         q = (
             select(
                 request.c.seq,
@@ -179,6 +180,7 @@ class Store:
                 request.c.body,
                 request.c.record,
                 request.c.attempts,
+                request.c.state,
             )
             .where(request.c.run_id == run_id, request.c.state.in_(states), request.c.seq > after_seq)
             .order_by(request.c.seq)
@@ -186,6 +188,22 @@ class Store:
         )
         async with self._conn(write=False) as conn:
             return [tuple(r) for r in (await conn.execute(q)).all()]
+
+    async def claim(self, run_id: str, custom_ids: Sequence[str], *, release: bool = False) -> None:
+        """Write-ahead: mark requests in flight before they are sent (or give them back)."""
+        if not custom_ids:
+            return
+        if release:
+            values: dict[str, Any] = {"state": "pending", "claimed_at": None}
+            current = "in_flight"
+        else:
+            values, current = {"state": "in_flight", "claimed_at": utcnow()}, None
+        async with self._conn() as conn:
+            for chunk in chunked(custom_ids, 500):
+                q = update(request).where(request.c.run_id == run_id, request.c.custom_id.in_(chunk))
+                if current is not None:
+                    q = q.where(request.c.state == current)
+                await conn.execute(q.values(**values))
 
     async def record_outcomes(self, run_id: str, outcomes: Sequence[Outcome]) -> None:
         """One transaction for a batch of finished requests: attempts, completions, states."""

@@ -46,7 +46,7 @@ metadata = MetaData(
 )
 
 RUN_STATES = ("created", "rejected", "running", "completed", "failed", "interrupted", "aborted", "stopped")
-REQUEST_STATES = ("pending", "succeeded", "failed", "rejected")
+REQUEST_STATES = ("pending", "in_flight", "succeeded", "failed", "rejected")
 
 run = Table(
     "run",
