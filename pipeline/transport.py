@@ -1,9 +1,10 @@
 """An httpx transport backed by one aiohttp session.
 
-Chosen by measurement (``bench/transport.py``): at 256-1,024 concurrent requests httpx's
-default connection pool spends 10-60 ms of CPU per request and ends in ``PoolTimeout``,
-while aiohttp's connector stays near 0.3 ms. The code above this module speaks httpx; this
-is the one place that knows aiohttp, and it translates aiohttp's exceptions into httpx's
+Chosen by measurement (``bench/transport.py``, figures in ``bench/README.md``): at 256-1,024
+concurrent requests httpx's own pool spends 10-20 ms of CPU per request (and with its default
+limits ends in ``PoolTimeout``), while this transport spends about 0.4-0.6 ms. The code above
+this module speaks httpx; this is the one place that knows aiohttp, and it translates
+aiohttp's exceptions into httpx's
 (a cut body, a reset and a read timeout stay distinguishable, unlike in httpx-aiohttp,
 which maps every ``ClientConnectionError`` to ``ConnectTimeout``).
 
@@ -12,6 +13,7 @@ It never retries: the pipeline has exactly one retry layer (``pipeline.worker``)
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -64,6 +66,21 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._max_connections = max_connections
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[tuple[str, str], str | None] = {}
+
+    def _proxy(self, url: httpx.URL) -> str | None:
+        """The proxy for a host from HTTP(S)_PROXY / NO_PROXY, looked up once per host.
+
+        (aiohttp's ``trust_env`` would look it up, and read ~/.netrc, on every request: 0.2 ms
+        of CPU each, and a .netrc entry for the host breaks the Bearer header.)
+        """
+        key = (url.scheme, url.host)
+        if key not in self._proxies:
+            proxy = urllib.request.getproxies().get(url.scheme)
+            if proxy and urllib.request.proxy_bypass(url.host):
+                proxy = None
+            self._proxies[key] = proxy or None
+        return self._proxies[key]
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -76,7 +93,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 auto_decompress=False,
-                trust_env=True,
+                trust_env=False,  # proxies: see _proxy; never ~/.netrc (it clashes with Bearer)
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
@@ -84,6 +101,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._get_session()
         t = request.extensions.get("timeout", {})
+        # httpx's "write" has no aiohttp twin (a request body is small); "pool" is moot: the
+        # connector holds a connection per request in flight, bounded by the route limits.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.get("connect"), sock_read=t.get("read"))
         body = await request.aread()
         headers = [
@@ -97,6 +116,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data=body or None,
                 timeout=timeout,
                 allow_redirects=False,
+                proxy=self._proxy(request.url),
             )
         return httpx.Response(
             status_code=response.status,
