@@ -36,7 +36,10 @@ def _arun(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     from pipeline.errors import PipelineError, StorageError, UserError
 
     try:
-        return anyio.run(fn)
+        try:
+            return anyio.run(fn)
+        except BaseExceptionGroup as group:  # a task group's failure: report its cause
+            raise _cause(group) from None
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -49,6 +52,27 @@ def _arun(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to resume", err=True)
         sys.exit(130)
+
+
+def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a task group's exceptions: ours first, then an interrupt."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    from pipeline.errors import PipelineError
+
+    for kind in (PipelineError, KeyboardInterrupt):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -73,8 +73,11 @@ class Store:
                 parent = Path(path).parent
                 if not parent.exists():
                     raise StorageError(f"cannot create database {path}: folder {parent} does not exist")
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite") and "timeout=" not in url:
+            kwargs["connect_args"] = {"timeout": 30.0}  # wait up to 30 s for another writer's lock
         try:
-            engine = create_async_engine(url)
+            engine = create_async_engine(url, **kwargs)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise StorageError(f"cannot use database URL: {exc}") from None
         if engine.dialect.name == "sqlite":
@@ -368,7 +371,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
