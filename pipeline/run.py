@@ -103,9 +103,10 @@ async def execute(
                 f"run id {run_id!r} belongs to job {existing['job']!r}; choose another --run-id"
             )
         if existing is not None and existing["loaded"] and existing["input_sha256"] != input_hash:
+            what = await _first_change(store, run_id, source)
             raise RunStateError(
-                f"{spec.input.path}: the input changed since run {run_id!r} loaded it "
-                "(its sha256 differs); pass --new-run to start a fresh run, or --run-id NAME"
+                f"{spec.input.path}: the input changed since run {run_id!r} loaded it ({what}); "
+                "pass --new-run to start a fresh run, or --run-id NAME"
             )
         if existing is None:
             await store.create_run(
@@ -211,6 +212,27 @@ async def _budget(
             )
     spent = (await store.usage_totals(run_id)).get("cost_picousd") or 0
     return Budget(cap_picousd=picousd(spec.budget_usd), spent_picousd=spent)
+
+
+async def _first_change(store: Store, run_id: str, source: RowSource) -> str:
+    """Say how the input differs from the run's requests: the first changed or new request."""
+
+    def take(it: Iterator[Any]) -> list[Any]:
+        return list(islice(it, SUBMIT_BATCH))
+
+    it = source.checked_rows()
+    try:
+        while chunk := await anyio.to_thread.run_sync(take, it):
+            rows = [(pos, item) for _, pos, _, item in chunk if isinstance(item, Row)]
+            known = await store.body_hashes(run_id, [r.custom_id for _, r in rows])
+            for pos, row in rows:
+                if row.custom_id not in known:
+                    return f"{pos}: request {row.custom_id!r} is new"
+                if known[row.custom_id] != row.body_hash:
+                    return f"{pos}: the body of request {row.custom_id!r} changed"
+    except InputError as exc:
+        return str(exc)
+    return "its sha256 differs"
 
 
 async def _fresh_run_id(store: Store, base: str) -> str:

@@ -224,6 +224,13 @@ def test_changed_input_under_the_same_run_is_refused(
     r = cli(*run_args(server))
     assert r.exit_code == 2
     assert "input changed" in r.stderr and "--new-run" in r.stderr
+    assert "line 4: request 'q-3' is new" in r.stderr
+    rows = plain_rows(3)
+    rows[1]["temperature"] = 0.5
+    write_jsonl(workdir / "in.jsonl", rows)
+    r = cli(*run_args(server))
+    assert r.exit_code == 2 and "line 2: the body of request 'q-1' changed" in r.stderr
+    write_jsonl(workdir / "in.jsonl", plain_rows(4))
     fresh = cli(*run_args(server, "--new-run"))
     assert fresh.exit_code == 0, fresh.stderr
     assert server.stats().requests_total == 7

@@ -171,6 +171,13 @@ class Store:
             )
         return n
 
+    async def body_hashes(self, run_id: str, custom_ids: Sequence[str]) -> dict[str, str]:
+        q = select(request.c.custom_id, request.c.body_sha256).where(
+            request.c.run_id == run_id, request.c.custom_id.in_(custom_ids)
+        )
+        async with self._conn(write=False) as conn:
+            return {cid: h for cid, h in (await conn.execute(q)).all()}
+
     async def pending_page(
         self, run_id: str, after_seq: int, limit: int, states: Sequence[str] = ("pending",)
     ) -> list[tuple[int, str, str, str | None, int, str]]:
