@@ -25,7 +25,7 @@ import orjson
 from pipeline.errors import InputError
 from pipeline.spec import InputSpec, TemplateSpec
 
-__all__ = ["Row", "RowSource", "body_hash", "estimate_prompt_tokens", "file_sha256"]
+__all__ = ["Row", "RowSource", "body_hash", "file_sha256"]
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 CHAT_URLS = ("/v1/chat/completions", "/chat/completions")
@@ -79,25 +79,6 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """A cheap upper-leaning estimate of prompt tokens: characters / 4 plus per-message overhead."""
-    chars = 0
-    msgs = body.get("messages") or ()
-    for m in msgs:
-        c = m.get("content") if isinstance(m, dict) else None
-        if isinstance(c, str):
-            chars += len(c)
-        elif isinstance(c, list):
-            for part in c:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    chars += len(part["text"])
-                else:
-                    chars += 1000  # images, audio, files: a rough allowance
-    if "tools" in body:
-        chars += len(orjson.dumps(body["tools"]))
-    return chars // 4 + 4 * len(msgs) + 3
 
 
 class RowSource:

@@ -10,12 +10,13 @@ from typing import Any
 import anyio
 
 from pipeline.errors import RunStateError
-from pipeline.inputs import RowSource, estimate_prompt_tokens
+from pipeline.inputs import RowSource
 from pipeline.outputs import write_jsonl, write_parquet
 from pipeline.pricing import PriceBook, usd
 from pipeline.records import Usage
 from pipeline.spec import JobSpec, db_url
 from pipeline.store.db import Store, utcnow
+from pipeline.tokens import estimate_prompt_tokens
 from pipeline.worker import DEFAULT_OUTPUT_RESERVE
 
 __all__ = ["estimate", "export", "report", "status"]

@@ -19,7 +19,6 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from pipeline.client import ChatClient
 from pipeline.errors import InvalidResponse, RateLimited, RequestError
-from pipeline.inputs import estimate_prompt_tokens
 from pipeline.limits import RouteLimiter
 from pipeline.plan import Budget
 from pipeline.policy import Action, classify, retry_delay
@@ -27,6 +26,7 @@ from pipeline.pricing import PriceBook
 from pipeline.records import Attempt, Completion, Outcome, Usage
 from pipeline.spec import PolicySpec, RetrySpec, RouteSpec
 from pipeline.store.db import utcnow
+from pipeline.tokens import estimate_prompt_tokens
 
 __all__ = ["EndpointState", "Route", "Task", "Worker"]
 

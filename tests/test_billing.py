@@ -13,6 +13,7 @@ import orjson
 from helpers import plain_rows, query, write_jsonl
 
 from pipeline.mock import MockServer
+from pipeline.tokens import estimate_prompt_tokens
 
 PICO = Decimal(10) ** 12
 
@@ -155,13 +156,14 @@ def test_estimate_counts_rows_tokens_and_prices_each_route(workdir: Path, cli: C
     assert r.exit_code == 0, r.stderr
     info = orjson.loads(r.stdout)
     assert info["rows"] == 50
-    assert info["prompt_tokens"] == 50 * (400 // 4 + 4 + 3)
+    per_row = estimate_prompt_tokens(rows[0])
+    assert info["prompt_tokens"] == 50 * per_row
     assert info["max_output_tokens"] == 50 * 100
     primary, fallback = info["routes"]
     # gpt-4o-mini: 0.15 input and 0.60 output USD per million tokens.
+    prompt = Decimal(50 * per_row)
     assert (
-        Decimal(primary["worst_case_cost_usd"])
-        == (Decimal(5350) * Decimal("0.15") + 5000 * Decimal("0.60")) / 10**6
+        Decimal(primary["worst_case_cost_usd"]) == (prompt * Decimal("0.15") + 5000 * Decimal("0.60")) / 10**6
     )
-    assert Decimal(primary["input_cost_usd"]) == Decimal(5350) * Decimal("0.15") / 10**6
+    assert Decimal(primary["input_cost_usd"]) == prompt * Decimal("0.15") / 10**6
     assert fallback["worst_case_cost_usd"] is None
