@@ -122,6 +122,8 @@ class RequestError(PipelineError):
         self.headers = headers or {}
         #: a parsed answer that came with the failure (e.g. finish_reason "error"), for the bill
         self.completion: Any = None
+        #: the provider's x-ratelimit-* headers (a pipeline.records.RateInfo), if any
+        self.rate: Any = None
 
 
 class TransportError(RequestError):

@@ -1,4 +1,5 @@
-"""Per-route limits: concurrency, requests per minute, tokens per minute, shared cooldown.
+"""Per-route limits: concurrency, requests per minute, tokens per minute, shared cooldown,
+limits learned from the provider, and a circuit breaker.
 
 A :class:`Bucket` guarantees at most ``limit`` units in ANY window of ``period`` seconds (a
 sliding-window log) and paces grants evenly (GCRA, with a burst of one second's worth), so a
@@ -9,21 +10,31 @@ never starved by small ones. Each waiter computes its delay and sleeps once; not
 Tokens are reserved before a request is sent (prompt estimate + max output) and settled
 with the real usage after it, giving back what was not used. The clock is injectable so
 tests need no real sleeping.
+
+Adaptive: a 429 makes the whole route cool down (every request waits, not only the one
+that saw it). A route with no configured limit learns it: from ``x-ratelimit-limit-*``
+headers when the provider sends them, else from the first 429 (the requests the route
+was granted in the last minute are what the provider let through, once that is enough
+traffic for a limit to bite). When the headers say
+nothing remains, the route waits for the reset instead of collecting 429s.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
 
-from pipeline.spec import LimitsSpec
+from pipeline.records import RateInfo
+from pipeline.spec import BreakerSpec, LimitsSpec
 
-__all__ = ["Bucket", "Permit", "RouteLimiter"]
+__all__ = ["Bucket", "CircuitBreaker", "Permit", "RouteLimiter"]
+
+LEARNED_MARGIN = 0.97  # run a learned limit a little under the provider's
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -62,6 +73,18 @@ class Bucket:
         self._clock = clock
         self._sleep = sleep
         self._lock = anyio.Lock()
+
+    def set_limit(self, limit: float) -> None:
+        """Change the limit, keeping the window's history (what was already granted counts)."""
+        self.limit = float(limit)
+        self._interval = self.period / self.limit
+        self._tolerance = max(self._interval, 1.0)
+
+    def seed(self, times: Iterable[float]) -> None:
+        """Count grants made before this bucket existed (one unit each)."""
+        for t in times:
+            self._log.append(_Grant(t, 1.0))
+            self._used += 1.0
 
     @property
     def used(self) -> float:
@@ -136,9 +159,12 @@ class RouteLimiter:
         self.capacity = anyio.CapacityLimiter(limits.concurrency)
         self.rpm = Bucket(limits.rpm, clock=clock, sleep=sleep) if limits.rpm else None
         self.tpm = Bucket(limits.tpm, clock=clock, sleep=sleep) if limits.tpm else None
+        self.learned_rpm: float | None = None  # what the provider told us, when not configured
+        self.learned_tpm: float | None = None
         self._clock = clock
         self._sleep = sleep
         self._cooldown_until = 0.0
+        self._recent: deque[float] = deque()  # grant times of the last minute, always kept
 
     def cool_down(self, seconds: float) -> None:
         """A 429 slows the whole route, not only the request that saw it."""
@@ -147,6 +173,59 @@ class RouteLimiter:
     @property
     def in_flight(self) -> int:
         return int(self.capacity.borrowed_tokens)
+
+    def _granted_last_minute(self) -> int:
+        now = self._clock()
+        while self._recent and self._recent[0] <= now - 60.0:
+            self._recent.popleft()
+        return len(self._recent)
+
+    def _learn_rpm(self, limit: float) -> None:
+        if self.limits.rpm or limit <= 0:
+            return
+        target = max(1.0, limit * LEARNED_MARGIN)
+        if self.rpm is None:
+            self.rpm = Bucket(target, clock=self._clock, sleep=self._sleep)
+            self.rpm.seed(self._recent)
+        elif abs(self.rpm.limit - target) > 0.01 * target:
+            self.rpm.set_limit(target)
+        self.learned_rpm = target
+
+    def _learn_tpm(self, limit: float) -> None:
+        if self.limits.tpm or limit <= 0:
+            return
+        target = max(1.0, limit * LEARNED_MARGIN)
+        if self.tpm is None:
+            self.tpm = Bucket(target, clock=self._clock, sleep=self._sleep)
+        elif abs(self.tpm.limit - target) > 0.01 * target:
+            self.tpm.set_limit(target)
+        self.learned_tpm = target
+
+    def observe(self, rate: RateInfo | None) -> None:
+        """Read the provider's rate-limit headers: learn limits, wait out an empty window."""
+        if rate is None:
+            return
+        if rate.limit_requests:
+            self._learn_rpm(rate.limit_requests)
+        if rate.limit_tokens:
+            self._learn_tpm(rate.limit_tokens)
+        if rate.remaining_requests == 0 and rate.reset_requests_s:
+            self.cool_down(rate.reset_requests_s)
+        if rate.remaining_tokens == 0 and rate.reset_tokens_s:
+            self.cool_down(rate.reset_tokens_s)
+
+    def rate_limited(self, wait_s: float, rate: RateInfo | None) -> None:
+        """A 429: the route cools down; with no limit known, take what got through as the limit."""
+        self.cool_down(wait_s)
+        if rate is not None and (rate.limit_requests or rate.limit_tokens):
+            self.observe(rate)
+        elif not self.limits.rpm and self.learned_rpm is None:
+            # Without headers, what got through in the last minute is the provider's window
+            # (exact for a sliding window), once there was enough traffic for a limit to bite;
+            # a 429 after a handful of requests is a fault, not a limit, and only cools down.
+            granted = self._granted_last_minute()
+            if granted >= max(30, 2 * self.limits.concurrency):
+                self._learn_rpm(granted)
 
     @asynccontextmanager
     async def slot(self, tokens: int) -> AsyncIterator[Permit]:
@@ -157,4 +236,81 @@ class RouteLimiter:
             if self.rpm is not None:
                 await self.rpm.acquire(1)
             grant = await self.tpm.acquire(tokens) if self.tpm is not None else None
+            self._recent.append(self._clock())
+            self._granted_last_minute()
             yield Permit(self, grant)
+
+
+class CircuitBreaker:
+    """Opens a route whose recent attempts mostly fail, so requests go to their fallbacks.
+
+    Closed: attempts flow; transient failures and successes are counted over ``window_s``.
+    When at least ``min_requests`` were seen and the failure share reaches ``failure_rate``,
+    it opens for ``cooldown_s``. Then one probe is let through (half-open): its success
+    closes the breaker, its failure opens it again for twice as long (at most 10 minutes).
+    """
+
+    def __init__(self, spec: BreakerSpec, *, clock: Clock = time.monotonic) -> None:
+        self.spec = spec
+        self._clock = clock
+        self._events: deque[tuple[float, bool]] = deque()
+        self._failures = 0
+        self.state = "closed"
+        self._open_until = 0.0
+        self._cooldown = spec.cooldown_s
+        self._probing = False
+        self.opened = 0  # how many times it opened, for the run's log
+
+    def _expire(self, now: float) -> None:
+        while self._events and self._events[0][0] <= now - self.spec.window_s:
+            _, ok = self._events.popleft()
+            if not ok:
+                self._failures -= 1
+
+    def allow(self) -> bool:
+        """May a request use this route now? (In half-open, only the one probe may.)"""
+        if not self.spec.enabled or self.state == "closed":
+            return True
+        if self.state == "open" and self._clock() >= self._open_until:
+            self.state = "half_open"
+            self._probing = False
+        if self.state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def retry_at(self) -> float:
+        """When :meth:`allow` may say yes again (monotonic clock)."""
+        return self._open_until if self.state == "open" else self._clock() + 0.05
+
+    def record(self, ok: bool) -> None:
+        if not self.spec.enabled:
+            return
+        now = self._clock()
+        if self.state == "half_open":
+            self._probing = False
+            if ok:
+                self.state = "closed"
+                self._cooldown = self.spec.cooldown_s
+                self._events.clear()
+                self._failures = 0
+            else:
+                self._open(now, self._cooldown * 2)
+            return
+        if self.state == "open":
+            return
+        self._expire(now)
+        self._events.append((now, ok))
+        if not ok:
+            self._failures += 1
+        n = len(self._events)
+        if n >= self.spec.min_requests and self._failures / n >= self.spec.failure_rate:
+            self._open(now, self._cooldown)
+
+    def _open(self, now: float, cooldown: float) -> None:
+        self.state = "open"
+        self._cooldown = min(cooldown, 600.0)
+        self._open_until = now + self._cooldown
+        self._events.clear()
+        self._failures = 0
+        self.opened += 1

@@ -31,7 +31,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from pipeline.client import ChatClient
 from pipeline.errors import InputError, RunStateError, SpecError
 from pipeline.inputs import Row, RowSource, file_sha256
-from pipeline.limits import RouteLimiter
+from pipeline.limits import CircuitBreaker, RouteLimiter
 from pipeline.outputs import PartWriter, write_parquet
 from pipeline.plan import Budget
 from pipeline.pricing import PriceBook, picousd, usd
@@ -368,6 +368,7 @@ def _routes(
                 limiter=RouteLimiter(r.limits),
                 endpoint=states[r.endpoint],
                 base_url=base_url,
+                breaker=CircuitBreaker(spec.breaker),
                 provider=ep.provider,
             )
         )
