@@ -10,10 +10,13 @@ FastAPI/LiteLLM proxies (``{"detail": ...}``) and plain text. No retries here.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
+import anyio
 import httpx
 import orjson
 
@@ -26,10 +29,11 @@ from pipeline.errors import (
     ServerError,
     TransportError,
 )
-from pipeline.records import Choice, Completion, Usage
+from pipeline.records import Choice, Completion, RateInfo, StreamTiming, Usage
 from pipeline.spec import EndpointSpec, RetrySpec
+from pipeline.tokens import count_text, estimate_prompt_tokens
 
-__all__ = ["ChatClient", "parse_completion", "parse_retry_after"]
+__all__ = ["ChatClient", "parse_completion", "parse_duration", "parse_rate_headers", "parse_retry_after"]
 
 USER_AGENT = "llm-batch-pipeline/0.1"
 
@@ -66,6 +70,15 @@ class ChatClient:
             ),
             follow_redirects=False,
         )
+        # Streamed: the read timeout is the idle timeout between chunks; the total is the
+        # worker's deadline.
+        idle = retry.stream_idle_timeout_s
+        self._stream_timeout = httpx.Timeout(
+            connect=retry.connect_timeout_s,
+            read=idle if idle > 0 else None,
+            write=retry.read_timeout_s,
+            pool=None,
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -95,8 +108,16 @@ class ChatClient:
         except RequestError:
             return None
 
-    async def complete(self, model: str, body: Mapping[str, Any]) -> tuple[Completion, int]:
-        """One attempt. Returns the completion and the HTTP status, or raises RequestError."""
+    async def complete(
+        self, model: str, body: Mapping[str, Any], *, stream: bool = False
+    ) -> tuple[Completion, int]:
+        """One attempt. Returns the completion and the HTTP status, or raises RequestError.
+
+        With ``stream`` the answer is read as server-sent events and assembled into the same
+        Completion (see :meth:`_complete_stream`).
+        """
+        if stream:
+            return await self._complete_stream(model, body)
         payload = orjson.dumps({"model": model, **body})
         try:
             response = await self._http.post(self._url, content=payload)
@@ -116,9 +137,89 @@ class ChatClient:
             raise TransportError(str(exc) or type(exc).__name__, what="reset") from exc
         request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
         status = response.status_code
+        rate = parse_rate_headers(response.headers)
         if 200 <= status < 300:
-            return parse_completion(response.content, request_id=request_id), status
-        raise error_from_response(status, response.content, response.headers, request_id)
+            try:
+                completion = parse_completion(response.content, request_id=request_id)
+            except RequestError as exc:
+                exc.rate = rate
+                raise
+            return (replace(completion, rate=rate) if rate else completion), status
+        error = error_from_response(status, response.content, response.headers, request_id)
+        error.rate = rate
+        raise error
+
+    async def _complete_stream(self, model: str, body: Mapping[str, Any]) -> tuple[Completion, int]:
+        """One streamed attempt: ``stream: true`` with ``include_usage``, read as SSE.
+
+        A broken stream (a cut, an error event, an idle timeout, an end before ``[DONE]``)
+        raises the RequestError kind the policy table knows, carrying what arrived as a
+        partial Completion (``.completion``, ``partial=True``) so the bill and the audit see it.
+        """
+        payload = orjson.dumps(_stream_body(model, body))
+        request = self._http.build_request("POST", self._url, content=payload, timeout=self._stream_timeout)
+        t0 = time.perf_counter()
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self._stream_timeout.read) from exc
+        try:
+            return await self._read_stream(response, body, t0)
+        finally:
+            await response.aclose()
+
+    async def _read_stream(
+        self, response: httpx.Response, body: Mapping[str, Any], t0: float
+    ) -> tuple[Completion, int]:
+        request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
+        status = response.status_code
+        rate = parse_rate_headers(response.headers)
+        idle = self._stream_timeout.read
+        if not 200 <= status < 300 or "json" in response.headers.get("content-type", ""):
+            # An error before the stream began, or a server that answered without streaming.
+            try:
+                raw = await response.aread()
+            except httpx.HTTPError as exc:
+                raise _transport_error(exc, idle) from exc
+            try:
+                if 200 <= status < 300:
+                    completion = parse_completion(raw, request_id=request_id)
+                    return (replace(completion, rate=rate) if rate else completion), status
+                raise error_from_response(status, raw, response.headers, request_id)
+            except RequestError as exc:
+                exc.rate = rate
+                raise
+        assembler = StreamAssembler(t0, request_id=request_id)
+        parser = SSEParser()
+        done = False
+        chunks = response.aiter_bytes()
+        try:
+            try:
+                async for data in chunks:
+                    now = time.perf_counter()
+                    for event in parser.feed(data):
+                        if assembler.take(event, now):
+                            done = True
+                            break
+                    if done:
+                        break
+                else:
+                    now = time.perf_counter()
+                    for event in parser.close():
+                        if assembler.take(event, now):
+                            done = True
+                            break
+            except httpx.HTTPError as exc:
+                raise _transport_error(exc, idle) from exc
+            if done:
+                await _drain(chunks)
+            completion = assembler.finish(body, done=done)
+        except RequestError as exc:
+            exc.rate = rate
+            if exc.completion is None:
+                exc.completion = assembler.partial(body)
+            raise
+        return (replace(completion, rate=rate) if rate else completion), status
 
 
 def parse_completion(raw: bytes, *, request_id: str | None = None) -> Completion:
@@ -252,6 +353,47 @@ def _meta_code(err: dict[str, Any]) -> str | None:
     return None
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str) -> float | None:
+    """OpenAI's reset durations: "1s", "6m0s", "120ms", "1h2m3.5s"; or plain seconds."""
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[unit] for n, unit in parts)
+
+
+def parse_rate_headers(headers: Mapping[str, str]) -> RateInfo | None:
+    """The ``x-ratelimit-*`` headers (OpenAI, Azure, OpenRouter, vLLM routers), if present."""
+    if "x-ratelimit-limit-requests" not in headers and "x-ratelimit-limit-tokens" not in headers:
+        return None
+
+    def num(name: str) -> int | None:
+        try:
+            return int(float(headers[name]))
+        except (KeyError, ValueError):
+            return None
+
+    def dur(name: str) -> float | None:
+        value = headers.get(name)
+        return None if value is None else parse_duration(value)
+
+    return RateInfo(
+        limit_requests=num("x-ratelimit-limit-requests"),
+        remaining_requests=num("x-ratelimit-remaining-requests"),
+        reset_requests_s=dur("x-ratelimit-reset-requests"),
+        limit_tokens=num("x-ratelimit-limit-tokens"),
+        remaining_tokens=num("x-ratelimit-remaining-tokens"),
+        reset_tokens_s=dur("x-ratelimit-reset-tokens"),
+    )
+
+
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` (seconds or an HTTP date)."""
     ms = headers.get("retry-after-ms")
@@ -286,3 +428,418 @@ def _str(v: Any) -> str | None:
 
 def _snippet(raw: bytes, limit: int = 300) -> str:
     return raw[:limit].decode("utf-8", "replace")
+
+
+# ----------------------------------------------------------------------------- streaming
+
+_DONE = b"[DONE]"
+_DRAIN_S = 1.0  # after [DONE], how long to wait for the end of the body (to keep the connection)
+
+
+def _stream_body(model: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The request as streamed: ``stream: true`` and usage asked for, the row's options kept."""
+    options = body.get("stream_options")
+    merged = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    return {"model": model, **body, "stream": True, "stream_options": merged}
+
+
+def _transport_error(exc: httpx.HTTPError, idle_s: float | None = None) -> TransportError:
+    """httpx's exceptions as the attempt record names them (the non-streamed mapping, plus
+    the idle timeout)."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return TransportError(f"connect timeout: {exc}", what="connect_timeout")
+    if isinstance(exc, httpx.ConnectError):
+        return TransportError(f"cannot connect: {exc}", what="connect")
+    if isinstance(exc, httpx.ReadTimeout):
+        wait = f" for {idle_s:g} s" if idle_s else ""
+        return TransportError(f"stream idle: no data arrived{wait}", what="read_timeout")
+    if isinstance(exc, httpx.TimeoutException):
+        return TransportError(f"timeout: {exc}", what="read_timeout")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return TransportError(f"stream cut: {exc}", what="truncated")
+    if isinstance(exc, httpx.DecodingError):
+        return TransportError(f"undecodable body: {exc}", what="truncated")
+    return TransportError(str(exc) or type(exc).__name__, what="reset")
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows ``[DONE]`` (the end of the body) so the connection can be reused; a
+    server that keeps the stream open after it is not waited for long."""
+    with anyio.move_on_after(_DRAIN_S):
+        try:
+            async for _ in chunks:
+                pass
+        except httpx.HTTPError:
+            pass
+
+
+class SSEParser:
+    """Server-sent events framing, as the WHATWG spec reads it, fed bytes as they arrive.
+
+    Lines end with LF, CRLF or CR (a CRLF split between two reads stays one line end); a
+    line may be split anywhere between reads. ``data:`` lines accumulate and a blank line
+    dispatches them joined with LF (multi-line data); ``:`` comments (keep-alives, OpenRouter's
+    ``: OPENROUTER PROCESSING``) are skipped; ``event:`` is kept in :attr:`event` and otherwise
+    tolerated; ``id:``, ``retry:`` and unknown fields are ignored. :meth:`feed` returns the
+    data of every event completed by the bytes given.
+    """
+
+    __slots__ = ("_buf", "_cr", "_data", "event")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._cr = False  # the last read ended with CR: its LF may come in the next one
+        self._data: list[bytes] = []
+        self.event: bytes | None = None
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk = chunk[:-1]
+                self._cr = True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if self._buf:
+            chunk = self._buf + chunk
+        lines = chunk.split(b"\n")
+        self._buf = lines.pop()
+        out: list[bytes] = []
+        data = self._data
+        for line in lines:
+            if line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif not line:
+                if data:
+                    out.append(data[0] if len(data) == 1 else b"\n".join(data))
+                    data.clear()
+                self.event = None
+            elif line[0] != 0x3A:  # not a ":" comment
+                name, _, value = line.partition(b":")
+                value = value[1:] if value[:1] == b" " else value
+                if name == b"data":  # "data" alone: an empty data line
+                    data.append(value)
+                elif name == b"event":
+                    self.event = value
+        return out
+
+    def close(self) -> list[bytes]:
+        """At the end of the body: the last event, if the server did not end it with a blank
+        line (lenient: the spec would drop it)."""
+        if self._buf or self._data or self._cr:
+            return self.feed(b"\n\n")
+        return []
+
+
+class _Parts:
+    """One choice while its deltas arrive."""
+
+    __slots__ = (
+        "annotations",
+        "content",
+        "finish_reason",
+        "logprobs",
+        "reasoning",
+        "refusal",
+        "role",
+        "tools",
+    )
+
+    def __init__(self) -> None:
+        self.role: str | None = None
+        self.content: list[str] | None = None
+        self.reasoning: list[str] | None = None
+        self.refusal: list[str] | None = None
+        self.tools: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.logprobs: dict[str, list[Any]] | None = None
+        self.annotations: list[Any] | None = None
+
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        if not self.tools:
+            return None
+        return [
+            {
+                "id": t["id"],
+                "type": t["type"] or "function",
+                "function": {"name": t["name"], "arguments": "".join(t["arguments"])},
+            }
+            for _, t in sorted(self.tools.items())
+        ]
+
+    def output_text(self) -> str:
+        """Everything the model wrote, for a token estimate."""
+        pieces = [x for part in (self.reasoning, self.content, self.refusal) if part for x in part]
+        for t in self.tools.values():
+            pieces.append(t["name"] or "")
+            pieces.extend(t["arguments"])
+        return "".join(pieces)
+
+
+def _join(parts: list[str] | None) -> str | None:
+    return None if parts is None else "".join(parts)
+
+
+class StreamAssembler:
+    """Builds one Completion from the ``chat.completion.chunk`` events of a stream.
+
+    Per choice (``index``): content, reasoning (``reasoning`` or ``reasoning_content``) and
+    refusal deltas are concatenated; tool calls are assembled from their fragments by their
+    ``index``, id, type and name taken from the first fragment that has them; the finish
+    reason is the last one seen. Usage comes from the usage chunk (the last one wins). The
+    response id, model, system fingerprint and provider come from the chunks. ``raw`` is the
+    ``chat.completion`` a non-streamed call would have returned, so exports look the same.
+    """
+
+    def __init__(self, t0: float, *, request_id: str | None = None) -> None:
+        self.t0 = t0
+        self.request_id = request_id
+        self.events = 0
+        self.choices: dict[int, _Parts] = {}
+        self.head: dict[str, Any] = {}
+        self.usage: dict[str, Any] | None = None
+        self.first: float | None = None  # perf_counter of the first token
+        self.last: float | None = None
+
+    # -- events ------------------------------------------------------------------------
+
+    def take(self, event: bytes, now: float) -> bool:
+        """One event's data. True at ``[DONE]``; raises on an error event or a bad chunk."""
+        if event[:1] == b"[" and event.strip() == _DONE:
+            return True
+        try:
+            data = orjson.loads(event)
+        except orjson.JSONDecodeError:
+            if b"\n" in event:  # events not separated by blank lines: read them one a line
+                return any(self.take(line, now) for line in event.split(b"\n") if line.strip())
+            if not event.strip():
+                return False
+            raise InvalidResponse(
+                "invalid JSON in a stream chunk", provider_request_id=self.request_id, body=_snippet(event)
+            ) from None
+        if not isinstance(data, dict):
+            raise InvalidResponse(
+                "a stream chunk that is not a JSON object", provider_request_id=self.request_id
+            )
+        self.events += 1
+        if data.get("error") is not None or data.get("object") == "error":
+            raise self._error_event(data)
+        head = self.head
+        for key in ("id", "model", "created", "system_fingerprint", "provider", "service_tier"):
+            if key not in head and data.get(key) is not None:
+                head[key] = data[key]
+        choices = data.get("choices")
+        if choices and self._choices(choices):
+            if self.first is None:
+                self.first = now
+            self.last = now
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        return False
+
+    def _choices(self, choices: Any) -> bool:
+        """Apply one chunk's choices; True if any carried a token."""
+        if not isinstance(choices, list):
+            raise InvalidResponse(
+                "a stream chunk whose choices is not a list", provider_request_id=self.request_id
+            )
+        token = False
+        for position, c in enumerate(choices):
+            if not isinstance(c, dict):
+                raise InvalidResponse(
+                    "a stream chunk choice that is not an object", provider_request_id=self.request_id
+                )
+            index = c.get("index")
+            if not isinstance(index, int):
+                index = position
+            parts = self.choices.get(index)
+            if parts is None:
+                parts = self.choices[index] = _Parts()
+            delta = c.get("delta")
+            if isinstance(delta, dict) and delta:
+                token = self._delta(parts, delta) or token
+            if c.get("finish_reason") is not None:
+                parts.finish_reason = c["finish_reason"]
+            logprobs = c.get("logprobs")
+            if isinstance(logprobs, dict):
+                merged = parts.logprobs if parts.logprobs is not None else {}
+                for key, items in logprobs.items():
+                    if isinstance(items, list):
+                        merged.setdefault(key, []).extend(items)
+                parts.logprobs = merged
+        return token
+
+    def _delta(self, parts: _Parts, delta: dict[str, Any]) -> bool:
+        token = False
+        role = delta.get("role")
+        if role is not None and parts.role is None:
+            parts.role = role
+        text = delta.get("content")
+        if isinstance(text, str):
+            if parts.content is None:
+                parts.content = []
+            if text:
+                parts.content.append(text)
+                token = True
+        for key in ("reasoning", "reasoning_content"):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                if parts.reasoning is None:
+                    parts.reasoning = []
+                parts.reasoning.append(text)
+                token = True
+        text = delta.get("refusal")
+        if isinstance(text, str) and text:
+            if parts.refusal is None:
+                parts.refusal = []
+            parts.refusal.append(text)
+            token = True
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list) and calls:
+            token = True
+            for position, fragment in enumerate(calls):
+                if isinstance(fragment, dict):
+                    self._tool_fragment(parts, fragment, position)
+        notes = delta.get("annotations")
+        if isinstance(notes, list) and notes:
+            parts.annotations = (parts.annotations or []) + notes
+        return token
+
+    def _tool_fragment(self, parts: _Parts, fragment: dict[str, Any], position: int) -> None:
+        index = fragment.get("index")
+        tools = parts.tools
+        if not isinstance(index, int):  # no index: a new id starts a call, else the last one goes on
+            known = {t["id"] for t in tools.values()}
+            new = fragment.get("id") is not None and fragment.get("id") not in known
+            index = len(tools) if new or not tools else max(tools)
+        call = tools.get(index)
+        if call is None:
+            call = tools[index] = {"id": None, "type": None, "name": None, "arguments": []}
+        if call["id"] is None and fragment.get("id") is not None:
+            call["id"] = fragment["id"]
+        if call["type"] is None and fragment.get("type") is not None:
+            call["type"] = fragment["type"]
+        function = fragment.get("function")
+        if isinstance(function, dict):
+            if call["name"] is None and function.get("name") is not None:
+                call["name"] = function["name"]
+            arguments = function.get("arguments")
+            if isinstance(arguments, str) and arguments:
+                call["arguments"].append(arguments)
+
+    def _error_event(self, data: dict[str, Any]) -> HTTPStatusError:
+        """An error event mid-stream (OpenRouter, vLLM, OpenAI): classified by its code."""
+        status, message, code = _error_fields(data)
+        if status is None and isinstance(data.get("code"), int) and not isinstance(data.get("code"), bool):
+            status = data["code"]  # vLLM: {"object": "error", "code": 400, ...}
+        if status is None or not 400 <= status <= 599:
+            status = 502
+        return _status_error(
+            status, f"error event in the stream: {message}", code, None, self.request_id, data
+        )
+
+    # -- the end -------------------------------------------------------------------------
+
+    def finish(self, body: Mapping[str, Any], *, done: bool) -> Completion:
+        """The Completion of a stream that ended; raises if it ended broken."""
+        complete = bool(self.choices) and all(p.finish_reason is not None for p in self.choices.values())
+        if not done and not complete:
+            # A clean end of the body before [DONE] and before every choice finished: cut.
+            # (Every choice finished but no [DONE]: the answer is whole; taking it beats paying twice.)
+            raise TransportError("stream ended before [DONE]", what="truncated")
+        if not self.choices:
+            raise InvalidResponse("a stream without choices", provider_request_id=self.request_id)
+        completion = self._build(body, partial=False)
+        if any(ch.finish_reason == "error" for ch in completion.choices):
+            err = InvalidResponse(
+                'the provider ended the answer with finish_reason "error"',
+                code="finish_reason_error",
+                provider_request_id=self.request_id,
+            )
+            err.completion = completion
+            raise err
+        return completion
+
+    def partial(self, body: Mapping[str, Any]) -> Completion | None:
+        """What arrived before the stream broke, if any choice did."""
+        return self._build(body, partial=True) if self.choices else None
+
+    def _build(self, body: Mapping[str, Any], *, partial: bool) -> Completion:
+        order = sorted(self.choices.items())
+        choices = tuple(
+            Choice(
+                index=i,
+                finish_reason=p.finish_reason,
+                content=_join(p.content),
+                reasoning=_join(p.reasoning),
+                refusal=_join(p.refusal),
+                tool_calls=p.tool_calls(),
+            )
+            for i, p in order
+        )
+        usage = Usage.from_api(self.usage)
+        if usage is None:  # no usage chunk: estimate, flagged, so the bill is never silently short
+            prompt = estimate_prompt_tokens(body)
+            output = sum(count_text(p.output_text()) for _, p in order)
+            reasoning = sum(count_text("".join(p.reasoning)) for _, p in order if p.reasoning)
+            usage = Usage(
+                prompt=prompt, completion=output, total=prompt + output, reasoning=reasoning, estimated=True
+            )
+        head = self.head
+        message_choices = []
+        for (i, p), ch in zip(order, choices, strict=True):
+            message: dict[str, Any] = {"role": p.role or "assistant", "content": ch.content}
+            if ch.reasoning is not None:
+                message["reasoning"] = ch.reasoning
+            if ch.tool_calls is not None:
+                message["tool_calls"] = ch.tool_calls
+            message["refusal"] = ch.refusal
+            if p.annotations is not None:
+                message["annotations"] = p.annotations
+            message_choices.append(
+                {"index": i, "message": message, "logprobs": p.logprobs, "finish_reason": ch.finish_reason}
+            )
+        raw: dict[str, Any] = {
+            "id": head.get("id"),
+            "object": "chat.completion",
+            "created": head.get("created"),
+            "model": head.get("model"),
+        }
+        if "provider" in head:
+            raw["provider"] = head["provider"]
+        raw["choices"] = message_choices
+        raw["usage"] = self.usage if self.usage is not None else _estimated_usage(usage)
+        for key in ("service_tier", "system_fingerprint"):
+            if key in head:
+                raw[key] = head[key]
+        first = None if self.first is None else (self.first - self.t0) * 1000.0
+        last = None if self.last is None else (self.last - self.t0) * 1000.0
+        rate = None
+        if first is not None and last is not None and last > first and usage.completion > 0:
+            rate = usage.completion / ((last - first) / 1000.0)
+        created = head.get("created")
+        return Completion(
+            response_id=_str(head.get("id")),
+            model=_str(head.get("model")),
+            provider=_str(head.get("provider")),
+            system_fingerprint=_str(head.get("system_fingerprint")),
+            created=created if isinstance(created, int) else None,
+            choices=choices,
+            usage=usage,
+            raw=orjson.dumps(raw),
+            provider_request_id=self.request_id,
+            stream=StreamTiming(ttft_ms=first, ttlt_ms=last, output_tokens_per_s=rate),
+            partial=partial,
+        )
+
+
+def _estimated_usage(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt,
+        "completion_tokens": usage.completion,
+        "total_tokens": usage.total,
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning},
+        "estimated": True,
+    }

@@ -11,7 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["Attempt", "Choice", "Completion", "Outcome", "Usage"]
+__all__ = ["Attempt", "Choice", "Completion", "Outcome", "RateInfo", "Usage"]
 
 
 def _int(obj: Any, *path: str) -> int | None:
@@ -91,6 +91,18 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class RateInfo:
+    """What a provider's ``x-ratelimit-*`` headers said (OpenAI's names; durations in seconds)."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Choice:
     index: int
     finish_reason: str | None
@@ -98,6 +110,20 @@ class Choice:
     reasoning: str | None = None
     refusal: str | None = None
     tool_calls: list[Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTiming:
+    """When the tokens of a streamed answer arrived, from the moment the request was sent.
+
+    A token is a content, reasoning, refusal or tool-call delta. ``output_tokens_per_s`` is the
+    completion tokens over the time between the first and the last token (None when they
+    arrived together, or when nothing arrived).
+    """
+
+    ttft_ms: float | None = None  # time to first token
+    ttlt_ms: float | None = None  # time to last token
+    output_tokens_per_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +137,11 @@ class Completion:
     created: int | None
     choices: tuple[Choice, ...]
     usage: Usage | None
-    raw: bytes  # the response body exactly as received
+    raw: bytes  # the response body exactly as received (streamed: the equivalent chat.completion)
     provider_request_id: str | None = None  # x-request-id
+    stream: StreamTiming | None = None  # set when the answer came as a stream
+    partial: bool = False  # what arrived before a stream broke (carried by the RequestError)
+    rate: RateInfo | None = None  # the x-ratelimit-* headers that came with it
 
     @property
     def first(self) -> Choice:
@@ -141,6 +170,22 @@ class Attempt:
     cost_picousd: int | None = None  # computed from the price catalogue
     cost_source: str | None = None  # spec | catalogue | None
     cost_note: str | None = None  # why the cost is NULL, if it is
+    stream: bool | None = None  # sent with stream: true
+    ttft_ms: float | None = None  # streamed: time to first token
+    ttlt_ms: float | None = None  # streamed: time to last token
+    output_tokens_per_s: float | None = None
+    partial: bool | None = None  # streamed: the completion is what arrived before the stream broke
+
+    def note_stream(self, completion: Completion | None) -> None:
+        """Copy a streamed completion's timings and partial flag onto the attempt."""
+        if not self.stream:
+            return
+        self.partial = completion is not None and completion.partial
+        timing = None if completion is None else completion.stream
+        if timing is not None:
+            self.ttft_ms = timing.ttft_ms
+            self.ttlt_ms = timing.ttlt_ms
+            self.output_tokens_per_s = timing.output_tokens_per_s
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from pipeline.errors import SpecError
 
 __all__ = [
+    "BreakerSpec",
     "EndpointSpec",
     "InputSpec",
     "JobSpec",
@@ -85,6 +86,7 @@ class RouteSpec:
     endpoint: str
     model: str
     limits: LimitsSpec
+    stream: bool = False  # send with stream: true and assemble the answer from the SSE chunks
 
     @property
     def key(self) -> str:
@@ -103,6 +105,18 @@ class RetrySpec:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 600.0
     deadline_s: float = 1800.0
+    stream_idle_timeout_s: float = 60.0  # streamed: no byte for this long fails the attempt (0 = none)
+
+
+@dataclass(frozen=True)
+class BreakerSpec:
+    """Per-route circuit breaker: open when recent attempts mostly fail transiently."""
+
+    enabled: bool = True
+    failure_rate: float = 0.5
+    min_requests: int = 20
+    window_s: float = 30.0
+    cooldown_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,7 @@ class JobSpec:
     routes: tuple[RouteSpec, ...]  # primary first, then fallbacks in order
     retry: RetrySpec = RetrySpec()
     policy: PolicySpec = PolicySpec()
+    breaker: BreakerSpec = BreakerSpec()
     request_defaults: Mapping[str, Any] = field(default_factory=dict)
     template: TemplateSpec | None = None
     prices: Mapping[str, ModelPrice] = field(default_factory=dict)
@@ -166,6 +181,7 @@ class JobSpec:
     new_run: bool = False
     on_bad_row: str = "stop"
     mock: MockSpec | None = None
+    stream: bool = False  # the default of every route that does not set its own
     recover_stored: bool = False  # send with store + metadata; look in-flight answers up on resume
     grace_s: float = 30.0  # on the first Ctrl-C / SIGTERM, how long in-flight requests may finish
     source: str = "<flags>"  # the spec file, for messages
@@ -192,9 +208,14 @@ class JobSpec:
                 }
                 for n, e in self.endpoints.items()
             },
-            "routes": [{"endpoint": r.endpoint, "model": r.model, **r.limits.__dict__} for r in self.routes],
+            "routes": [
+                {"endpoint": r.endpoint, "model": r.model, **r.limits.__dict__, "stream": r.stream}
+                for r in self.routes
+            ],
+            "stream": self.stream,
             "retry": dict(self.retry.__dict__),
             "policy": dict(self.policy.__dict__),
+            "breaker": dict(self.breaker.__dict__),
             "request": dict(self.request_defaults),
             "template": None
             if self.template is None
@@ -245,6 +266,8 @@ _TOP_KEYS = {
     "mock",
     "recovery",
     "grace_s",
+    "stream",
+    "breaker",
 }
 
 
@@ -377,9 +400,11 @@ def _build(raw: dict[str, Any], r: _Reader, default_job: str | None) -> JobSpec:
 
     endpoints = _endpoints(raw.get("endpoints"), r)
     default_limits = _limits(raw.get("limits", {}), "limits", r, LimitsSpec())
-    routes = _routes(raw, endpoints, default_limits, r)
+    stream = r.boolean(raw.get("stream", False), "stream")
+    routes = _routes(raw, endpoints, default_limits, r, stream)
 
     retry = _retry(raw.get("retry", {}), r)
+    breaker = _breaker(raw.get("breaker", {}), r)
     policy_raw = r.table(raw.get("policy", {}), "policy", {"content_filter"})
     policy = PolicySpec(
         content_filter=r.choice(
@@ -412,6 +437,7 @@ def _build(raw: dict[str, Any], r: _Reader, default_job: str | None) -> JobSpec:
         routes=routes,
         retry=retry,
         policy=policy,
+        breaker=breaker,
         request_defaults=request,
         template=template,
         prices=prices,
@@ -422,6 +448,7 @@ def _build(raw: dict[str, Any], r: _Reader, default_job: str | None) -> JobSpec:
         new_run=r.boolean(raw.get("new_run", False), "new_run"),
         on_bad_row=r.choice(raw.get("on_bad_row", "stop"), "on_bad_row", ("stop", "skip")),
         mock=mock,
+        stream=stream,
         recover_stored=r.boolean(recovery.get("stored_completions", False), "recovery.stored_completions"),
         grace_s=r.number(raw.get("grace_s", 30.0), "grace_s"),
         source=r.source,
@@ -509,7 +536,11 @@ def _limits(raw: Any, where: str, r: _Reader, base: LimitsSpec) -> LimitsSpec:
 
 
 def _routes(
-    raw: dict[str, Any], endpoints: dict[str, EndpointSpec], limits: LimitsSpec, r: _Reader
+    raw: dict[str, Any],
+    endpoints: dict[str, EndpointSpec],
+    limits: LimitsSpec,
+    r: _Reader,
+    stream: bool = False,
 ) -> tuple[RouteSpec, ...]:
     default_ep = DEFAULT_ENDPOINT if DEFAULT_ENDPOINT in endpoints else next(iter(endpoints))
     if "model" not in raw:
@@ -527,13 +558,18 @@ def _routes(
     routes: list[RouteSpec] = []
     for where, entry in entries:
         e = {"model": entry} if isinstance(entry, str) else entry
-        t = r.table(e, where, {"model", "endpoint", "rpm", "tpm", "concurrency"})
+        t = r.table(e, where, {"model", "endpoint", "rpm", "tpm", "concurrency", "stream"})
         model = r.string(t.get("model"), f"{where}.model")
         ep = r.string(t.get("endpoint", default_ep), f"{where}.endpoint")
         if ep not in endpoints:
             raise r.fail(f"{where}.endpoint", f"no endpoint named {ep!r} (have: {', '.join(endpoints)})")
         lim = {k: t[k] for k in ("rpm", "tpm", "concurrency") if k in t}
-        route = RouteSpec(endpoint=ep, model=model, limits=_limits(lim, where, r, limits))
+        route = RouteSpec(
+            endpoint=ep,
+            model=model,
+            limits=_limits(lim, where, r, limits),
+            stream=r.boolean(t.get("stream", stream), f"{where}.stream"),
+        )
         if any(x.key == route.key for x in routes):
             raise r.fail(where, f"route {route.key} appears twice in the fallback chain")
         routes.append(route)
@@ -552,6 +588,21 @@ def _retry(raw: Any, r: _Reader) -> RetrySpec:
         else:
             values[k] = r.number(v, f"retry.{k}")
     return RetrySpec(**values)
+
+
+def _breaker(raw: Any, r: _Reader) -> BreakerSpec:
+    d = BreakerSpec()
+    t = r.table(raw, "breaker", set(d.__dict__))
+    rate = r.number(t.get("failure_rate", d.failure_rate), "breaker.failure_rate")
+    if not 0 < rate <= 1:
+        raise r.fail("breaker.failure_rate", f"expected a share in (0, 1], got {rate:g}")
+    return BreakerSpec(
+        enabled=r.boolean(t.get("enabled", d.enabled), "breaker.enabled"),
+        failure_rate=rate,
+        min_requests=r.integer(t.get("min_requests", d.min_requests), "breaker.min_requests", 1),
+        window_s=r.number(t.get("window_s", d.window_s), "breaker.window_s"),
+        cooldown_s=r.number(t.get("cooldown_s", d.cooldown_s), "breaker.cooldown_s"),
+    )
 
 
 def _template(raw: Any, r: _Reader) -> TemplateSpec | None:

@@ -19,7 +19,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from pipeline.client import ChatClient
 from pipeline.errors import InvalidResponse, RateLimited, RequestError
-from pipeline.limits import RouteLimiter
+from pipeline.limits import CircuitBreaker, RouteLimiter
 from pipeline.plan import Budget
 from pipeline.policy import Action, classify, retry_delay
 from pipeline.pricing import PriceBook
@@ -54,6 +54,7 @@ class Route:
     limiter: RouteLimiter
     endpoint: EndpointState
     base_url: str
+    breaker: CircuitBreaker
     provider: str | None = None
 
 
@@ -133,22 +134,33 @@ class Worker:
         walk.tokens = walk.prompt_tokens + (walk.max_output or DEFAULT_OUTPUT_RESERVE * walk.n)
         last_error: str | None = None
         with anyio.move_on_after(self.retry.deadline_s) as deadline:
-            for route in self.routes:
-                if route.endpoint.stopped is not None:
-                    continue
-                if len(walk.attempts) >= self.retry.max_attempts_per_request:
+            todo = list(self.routes)
+            while todo:
+                blocked: list[Route] = []
+                for route in todo:
+                    if route.endpoint.stopped is not None:
+                        continue
+                    if len(walk.attempts) >= self.retry.max_attempts_per_request:
+                        break
+                    if not route.breaker.allow():  # open: this route is resting; try the next
+                        blocked.append(route)
+                        continue
+                    try:
+                        action, message = await self._on_route(route, walk)
+                    except _OverBudget:
+                        # Not the request's fault: it stays pending for a run with a larger budget.
+                        return self._outcome(walk, "pending", "budget cap reached")
+                    if action is None:
+                        return self._outcome(walk, "succeeded")
+                    last_error = message
+                    if action is Action.FAIL:
+                        return self._outcome(walk, "failed", message)
+                    # RETRY with retries spent, FALLBACK, STOP_ENDPOINT: on to the next route
+                if not blocked or len(walk.attempts) >= self.retry.max_attempts_per_request:
                     break
-                try:
-                    action, message = await self._on_route(route, walk)
-                except _OverBudget:
-                    # Not the request's fault: it stays pending for a run with a larger budget.
-                    return self._outcome(walk, "pending", "budget cap reached")
-                if action is None:
-                    return self._outcome(walk, "succeeded")
-                last_error = message
-                if action is Action.FAIL:
-                    return self._outcome(walk, "failed", message)
-                # RETRY with retries spent, FALLBACK, STOP_ENDPOINT: on to the next route
+                # Every other route is spent: wait for a resting route to take a probe.
+                await self._sleep(max(0.0, min(r.breaker.retry_at() for r in blocked) - time.monotonic()))
+                todo = blocked
         if deadline.cancelled_caught:
             if walk.attempts and walk.attempts[-1].outcome == "pending":
                 walk.attempts[-1].outcome = "deadline"
@@ -207,6 +219,7 @@ class Worker:
                 len(walk.attempts) - start >= self.retry.max_attempts_per_route
                 or len(walk.attempts) >= self.retry.max_attempts_per_request
                 or route.endpoint.stopped is not None
+                or route.breaker.state == "open"
             )
 
         def wait(rs: RetryCallState) -> float:
@@ -214,7 +227,7 @@ class Worker:
             delay = retry_delay(exc, len(walk.attempts) - start, self.retry)
             walk.attempts[-1].wait_s = delay
             if isinstance(exc, RateLimited):
-                route.limiter.cool_down(delay)
+                route.limiter.rate_limited(delay, exc.rate)
             return delay
 
         retrying = AsyncRetrying(
@@ -251,7 +264,18 @@ class Worker:
             if not self.budget.reserve(reserved):
                 raise _OverBudget
         try:
-            return await self._send(route, walk)
+            completion = await self._send(route, walk)
+        except RequestError as exc:
+            verdict = classify(exc, self.policy)
+            if not isinstance(exc, RateLimited):  # a 429's wait is set in _on_route
+                route.limiter.observe(exc.rate)
+            if verdict.action is Action.RETRY and verdict.rule != "rate_limited":
+                route.breaker.record(False)
+            raise
+        else:
+            route.limiter.observe(completion.rate)
+            route.breaker.record(True)
+            return completion
         finally:
             if self.budget is not None:
                 a = walk.attempts[-1] if walk.attempts else None
@@ -264,16 +288,21 @@ class Worker:
             base_url=route.base_url,
             model=route.spec.model,
             started_at=utcnow(),
+            # streamed when the route says so, or the row asks for it itself
+            stream=route.spec.stream or walk.task.body.get("stream") is True,
         )
         walk.attempts.append(a)
         async with route.limiter.slot(walk.tokens) as permit:
             a.started_at = utcnow()
             t0 = time.perf_counter()
             try:
-                completion, status = await route.client.complete(route.spec.model, walk.task.body)
+                completion, status = await route.client.complete(
+                    route.spec.model, walk.task.body, stream=bool(a.stream)
+                )
                 a.latency_ms = (time.perf_counter() - t0) * 1000.0
                 a.http_status = status
                 self._keep(route, a, completion)
+                a.note_stream(completion)
                 permit.settle(completion.usage.total if completion.usage else None)
                 if (
                     completion.first.finish_reason == "content_filter"
@@ -288,6 +317,7 @@ class Worker:
                 if a.latency_ms is None:
                     a.latency_ms = (time.perf_counter() - t0) * 1000.0
                 self._fail(route, a, exc)
+                a.note_stream(a.completion)  # a broken stream: what arrived is kept, partial
                 if isinstance(exc, RateLimited):
                     permit.settle(0)  # a 429 consumed nothing
                 raise
