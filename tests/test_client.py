@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from pipeline.client import ChatClient
+from pipeline.client import ChatClient, parse_duration, parse_rate_headers
 from pipeline.errors import (
     ClientError,
     HTTPStatusError,
@@ -27,7 +27,7 @@ from pipeline.errors import (
     ServerError,
     TransportError,
 )
-from pipeline.records import Completion, Usage
+from pipeline.records import Completion, RateInfo, Usage
 from pipeline.spec import EndpointSpec, RetrySpec
 from pipeline.transport import AiohttpTransport
 
@@ -535,3 +535,36 @@ async def test_aiohttp_transport_silent_server_is_read_timeout() -> None:
                 assert time.monotonic() - started < 3.0
         finally:
             release.set()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        pytest.param("1s", 1.0, id="seconds"),
+        pytest.param("6m0s", 360.0, id="minutes"),
+        pytest.param("120ms", 0.12, id="millis"),
+        pytest.param("1h2m3.5s", 3723.5, id="mixed"),
+        pytest.param("0.5", 0.5, id="plain-number"),
+        pytest.param("soon", None, id="nonsense"),
+    ],
+)
+def test_openai_reset_durations_parse_to_seconds(text: str, seconds: float | None) -> None:
+    """x-ratelimit-reset-* values ("6m0s", "120ms") become seconds."""
+    assert parse_duration(text) == (None if seconds is None else pytest.approx(seconds))
+
+
+def test_rate_limit_headers_parse_and_absent_headers_give_none() -> None:
+    """The six x-ratelimit-* headers become a RateInfo; a response without them gives None."""
+    headers = httpx.Headers(
+        {
+            "x-ratelimit-limit-requests": "1200",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "2.5s",
+            "x-ratelimit-limit-tokens": "150000",
+            "x-ratelimit-remaining-tokens": "149000",
+            "x-ratelimit-reset-tokens": "400ms",
+        }
+    )
+    info = parse_rate_headers(headers)
+    assert info == RateInfo(1200, 0, 2.5, 150000, 149000, 0.4)
+    assert parse_rate_headers(httpx.Headers({"content-type": "application/json"})) is None

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 
-from pipeline.limits import Bucket, RouteLimiter
-from pipeline.spec import LimitsSpec
+from pipeline.limits import Bucket, CircuitBreaker, RouteLimiter
+from pipeline.records import RateInfo
+from pipeline.spec import BreakerSpec, LimitsSpec
 
 
 @pytest.fixture
@@ -260,3 +262,123 @@ async def test_permit_settle_returns_tokens_to_the_route() -> None:
         assert limiter.tpm is not None and limiter.tpm.used == 800
         permit.settle(120)
     assert limiter.tpm.used == 120
+
+
+# --- adaptive limits: learned from headers and 429s -------------------------------------------
+
+
+def route(limits: LimitsSpec) -> tuple[RouteLimiter, FakeClock]:
+    clock = FakeClock()
+    return RouteLimiter(limits, clock=clock, sleep=clock.sleep), clock
+
+
+async def _take(limiter: RouteLimiter, n: int, tokens: int = 1) -> None:
+    for _ in range(n):
+        async with limiter.slot(tokens):
+            pass
+
+
+def test_headers_teach_an_unconfigured_route_its_limits_a_little_under_the_provider() -> None:
+    """x-ratelimit-limit-requests/-tokens set the route's buckets at 97% when none is configured."""
+    limiter, _ = route(LimitsSpec(concurrency=4))
+    assert limiter.rpm is None and limiter.tpm is None
+    limiter.observe(RateInfo(limit_requests=1200, limit_tokens=100_000))
+    assert limiter.rpm is not None and limiter.rpm.limit == pytest.approx(1164)
+    assert limiter.tpm is not None and limiter.tpm.limit == pytest.approx(97_000)
+
+
+def test_headers_never_override_a_configured_limit() -> None:
+    """A limit set in the spec is the user's word: headers do not change it."""
+    limiter, _ = route(LimitsSpec(rpm=100, concurrency=4))
+    limiter.observe(RateInfo(limit_requests=5000))
+    assert limiter.rpm is not None and limiter.rpm.limit == 100
+
+
+@pytest.mark.anyio
+async def test_an_empty_window_in_the_headers_makes_the_route_wait_for_the_reset() -> None:
+    """remaining-requests 0 with reset 2.5s: the next slot waits 2.5 s, not a 429 later."""
+    limiter, clock = route(LimitsSpec(concurrency=4))
+    limiter.observe(RateInfo(limit_requests=10_000, remaining_requests=0, reset_requests_s=2.5))
+    await _take(limiter, 1)
+    assert clock.now >= 2.5
+
+
+@pytest.mark.anyio
+async def test_a_429_cools_down_the_whole_route() -> None:
+    """After a 429 with a 3 s wait, every request of the route waits, not only the one that saw it."""
+    limiter, clock = route(LimitsSpec(concurrency=4))
+    limiter.rate_limited(3.0, None)
+    await _take(limiter, 3)
+    assert clock.now >= 3.0
+    assert limiter.rpm is None  # a 429 after a handful of requests teaches no limit
+
+
+@pytest.mark.anyio
+async def test_a_429_after_real_traffic_teaches_the_limit_from_what_got_through() -> None:
+    """With no headers, a 429 after 200 grants in the minute sets the route near 200/min."""
+    limiter, _ = route(LimitsSpec(concurrency=8))
+    await _take(limiter, 200)
+    limiter.rate_limited(1.0, None)
+    assert limiter.rpm is not None and limiter.rpm.limit == pytest.approx(194)
+    assert limiter.rpm.used == 200  # the window remembers what was already sent
+
+
+# --- circuit breaker ---------------------------------------------------------------------------
+
+
+def breaker(**kw: Any) -> tuple[CircuitBreaker, FakeClock]:
+    clock = FakeClock()
+    spec = BreakerSpec(**{"failure_rate": 0.5, "min_requests": 4, "window_s": 30.0, "cooldown_s": 10.0, **kw})
+    return CircuitBreaker(spec, clock=clock), clock
+
+
+def test_breaker_opens_when_most_recent_attempts_fail() -> None:
+    """Half or more of at least min_requests failing opens it; it then refuses requests."""
+    b, _ = breaker()
+    for ok in (True, False, False, True):
+        assert b.allow()
+        b.record(ok)
+    assert b.state == "open" and not b.allow()
+
+
+def test_breaker_needs_enough_samples_and_forgets_old_ones() -> None:
+    """Three failures are not enough with min 4; failures older than the window do not count."""
+    b, clock = breaker()
+    for _ in range(3):
+        b.record(False)
+    assert b.state == "closed"
+    clock.now += 31
+    b.record(True)
+    b.record(False)
+    assert b.state == "closed"
+
+
+def test_breaker_half_opens_for_one_probe_whose_success_closes_it() -> None:
+    """After the cooldown one probe passes (others wait); its success closes the breaker."""
+    b, clock = breaker()
+    for _ in range(4):
+        b.record(False)
+    clock.now += 10
+    assert b.allow() and b.state == "half_open"
+    assert not b.allow()  # only one probe at a time
+    b.record(True)
+    assert b.state == "closed" and b.allow()
+
+
+def test_a_failed_probe_reopens_the_breaker_for_twice_as_long() -> None:
+    """A failed probe opens it again, and the rest grows: 10 s, then 20 s."""
+    b, clock = breaker()
+    for _ in range(4):
+        b.record(False)
+    clock.now += 10
+    assert b.allow()
+    b.record(False)
+    assert b.state == "open" and b.retry_at() == pytest.approx(clock.now + 20)
+
+
+def test_a_disabled_breaker_never_opens() -> None:
+    """[breaker] enabled = false: every request may use the route."""
+    b, _ = breaker(enabled=False)
+    for _ in range(50):
+        b.record(False)
+    assert b.allow()
