@@ -117,6 +117,12 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["stop", "skip"]),
             help="stop: send nothing if any row is bad (default); skip: reject bad rows, send the rest.",
         ),
+        click.option(
+            "--stream/--no-stream",
+            default=None,
+            help="Stream the answers (SSE, with usage) and record time to first token; "
+            "routes that set their own 'stream' keep it.",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -148,6 +154,8 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
         ov["out"] = str(kw["out"])
     if kw.get("new_run"):
         ov["new_run"] = True
+    if kw.get("stream") is not None:
+        ov["stream"] = kw["stream"]
     return ov
 
 
@@ -321,7 +329,32 @@ def estimate(spec: Path | None, as_json: bool, **kw: Any) -> None:
         click.echo(f"  note: {note}")
 
 
-@main.command("mock-server")
+@main.command(
+    "mock-server",
+    epilog="""\b
+Faults per model (--fault MODEL=KIND[:N], repeatable; :N = only the first N
+sightings of each distinct request body, so a retry succeeds; no :N = always):
+  400-599          that HTTP status with its real error body (401 invalid_api_key,
+                   402 OpenRouter "Insufficient credits", 403, 404 model_not_found,
+                   408, 409, 422, 429 with Retry-After seconds, 500, 502, 503, 504,
+                   520-529, ...)
+  429-date         429 with Retry-After as an HTTP date
+  429-ms           429 with retry-after-ms only
+  insufficient_quota   429 insufficient_quota (out of quota: not worth retrying)
+  unauthorized     401 invalid_api_key
+  context_length   400 context_length_exceeded
+  content_filter_400     400 content_filter (Azure)
+  content_filter_finish  200 with finish_reason "content_filter", content null
+  finish_error     200 with finish_reason "error", usage included
+  bad_request      400 invalid_request_error
+  hang             read the request, never answer (until the client gives up)
+  reset            close the connection without a response
+  truncated        send half the body under a Content-Length for all of it
+  invalid_json     200 whose body is not JSON
+
+\b
+Example: pipeline mock-server --fault mock-small=503:2 --fault gpt-4o=hang""",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True, help="0 picks a free port.")
 @click.option("--latency-ms", type=float, default=0.0, show_default=True)
@@ -345,13 +378,30 @@ def estimate(spec: Path | None, as_json: bool, **kw: Any) -> None:
 )
 @click.option("--api-key", help="Require this bearer key (default: accept any).")
 @click.option("--seed", type=int, default=0)
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    metavar="MODEL=KIND[:N]",
+    help="Requests for MODEL misbehave as KIND (see below); repeatable, one per model.",
+)
 def mock_server(**kw: Any) -> None:
     """A local OpenAI-compatible server for demos, tests and benchmarks."""
-    from pipeline.mock import MockConfig
+    from pipeline.mock import MockConfig, parse_fault
     from pipeline.mock import main as serve
 
+    model_faults = {}
+    for text in kw["faults"]:
+        try:
+            model, fault = parse_fault(text, retry_after_s=kw["retry_after"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--fault") from None
+        if model in model_faults:
+            raise click.BadParameter(f"{text!r}: a second fault for model {model!r}", param_hint="--fault")
+        model_faults[model] = fault
     serve(
         MockConfig(
+            model_faults=model_faults,
             host=kw["host"],
             port=kw["port"],
             latency_ms=kw["latency_ms"],

@@ -141,8 +141,9 @@ class ChatClient:
         if 200 <= status < 300:
             try:
                 completion = parse_completion(response.content, request_id=request_id)
-            except RequestError as exc:
+            except RequestError as exc:  # a 200 whose body is unusable: keep its status
                 exc.rate = rate
+                exc.status = exc.status or status
                 raise
             return (replace(completion, rate=rate) if rate else completion), status
         error = error_from_response(status, response.content, response.headers, request_id)
@@ -186,8 +187,9 @@ class ChatClient:
                     completion = parse_completion(raw, request_id=request_id)
                     return (replace(completion, rate=rate) if rate else completion), status
                 raise error_from_response(status, raw, response.headers, request_id)
-            except RequestError as exc:
+            except RequestError as exc:  # a 200 whose body is unusable: keep its status
                 exc.rate = rate
+                exc.status = exc.status or status
                 raise
         assembler = StreamAssembler(t0, request_id=request_id)
         parser = SSEParser()
@@ -479,18 +481,15 @@ class SSEParser:
     Lines end with LF, CRLF or CR (a CRLF split between two reads stays one line end); a
     line may be split anywhere between reads. ``data:`` lines accumulate and a blank line
     dispatches them joined with LF (multi-line data); ``:`` comments (keep-alives, OpenRouter's
-    ``: OPENROUTER PROCESSING``) are skipped; ``event:`` is kept in :attr:`event` and otherwise
-    tolerated; ``id:``, ``retry:`` and unknown fields are ignored. :meth:`feed` returns the
-    data of every event completed by the bytes given.
+    ``: OPENROUTER PROCESSING``) are skipped; ``event:``, ``id:``, ``retry:`` and unknown
+    fields are ignored. :meth:`feed` returns the data of every event the bytes completed.
     """
 
-    __slots__ = ("_buf", "_cr", "_data", "event")
+    __slots__ = ("_buf", "_cr")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = b""  # the event not yet ended by a blank line
         self._cr = False  # the last read ended with CR: its LF may come in the next one
-        self._data: list[bytes] = []
-        self.event: bytes | None = None
 
     def feed(self, chunk: bytes) -> list[bytes]:
         if self._cr:
@@ -503,33 +502,40 @@ class SSEParser:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if self._buf:
             chunk = self._buf + chunk
-        lines = chunk.split(b"\n")
-        self._buf = lines.pop()
+        blocks = chunk.split(b"\n\n")  # a blank line ends each event
+        self._buf = blocks.pop()
         out: list[bytes] = []
-        data = self._data
-        for line in lines:
-            if line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif not line:
-                if data:
-                    out.append(data[0] if len(data) == 1 else b"\n".join(data))
-                    data.clear()
-                self.event = None
-            elif line[0] != 0x3A:  # not a ":" comment
-                name, _, value = line.partition(b":")
-                value = value[1:] if value[:1] == b" " else value
-                if name == b"data":  # "data" alone: an empty data line
-                    data.append(value)
-                elif name == b"event":
-                    self.event = value
+        for block in blocks:
+            if block[:6] == b"data: " and b"\n" not in block:  # the usual one-line event
+                out.append(block[6:])
+            elif block:
+                _event_lines(block, out)
         return out
 
     def close(self) -> list[bytes]:
         """At the end of the body: the last event, if the server did not end it with a blank
         line (lenient: the spec would drop it)."""
-        if self._buf or self._data or self._cr:
+        if self._buf or self._cr:
             return self.feed(b"\n\n")
         return []
+
+
+def _event_lines(block: bytes, out: list[bytes]) -> None:
+    """One event's lines, by the spec's rules: its data lines joined with LF."""
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif not line:  # blank lines in a row: the first one ended the previous event
+            if data:
+                out.append(b"\n".join(data))
+                data = []
+        elif line[0] != 0x3A:  # not a ":" comment
+            name, _, value = line.partition(b":")
+            if name == b"data":  # "data" alone: an empty data line
+                data.append(value[1:] if value[:1] == b" " else value)
+    if data:
+        out.append(b"\n".join(data))
 
 
 class _Parts:
@@ -618,93 +624,96 @@ class StreamAssembler:
             raise InvalidResponse(
                 "invalid JSON in a stream chunk", provider_request_id=self.request_id, body=_snippet(event)
             ) from None
-        if not isinstance(data, dict):
+        if data.__class__ is not dict:
             raise InvalidResponse(
                 "a stream chunk that is not a JSON object", provider_request_id=self.request_id
             )
         self.events += 1
-        if data.get("error") is not None or data.get("object") == "error":
+        if "error" in data and data["error"] is not None:
             raise self._error_event(data)
+        if not self.head:
+            self._head(data)
+        choices = data.get("choices")
+        if choices:
+            if self._choices(choices):
+                if self.first is None:
+                    self.first = now
+                self.last = now
+        elif data.get("object") == "error":  # vLLM's error object
+            raise self._error_event(data)
+        usage = data.get("usage")
+        if usage is not None and usage.__class__ is dict:
+            self.usage = usage
+            self._head(data)  # what the first chunk did not say
+        return False
+
+    def _head(self, data: dict[str, Any]) -> None:
         head = self.head
         for key in ("id", "model", "created", "system_fingerprint", "provider", "service_tier"):
             if key not in head and data.get(key) is not None:
                 head[key] = data[key]
-        choices = data.get("choices")
-        if choices and self._choices(choices):
-            if self.first is None:
-                self.first = now
-            self.last = now
-        usage = data.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-        return False
 
     def _choices(self, choices: Any) -> bool:
         """Apply one chunk's choices; True if any carried a token."""
-        if not isinstance(choices, list):
+        if choices.__class__ is not list:
             raise InvalidResponse(
                 "a stream chunk whose choices is not a list", provider_request_id=self.request_id
             )
         token = False
         for position, c in enumerate(choices):
-            if not isinstance(c, dict):
+            if c.__class__ is not dict:
                 raise InvalidResponse(
                     "a stream chunk choice that is not an object", provider_request_id=self.request_id
                 )
-            index = c.get("index")
-            if not isinstance(index, int):
+            index = c.get("index", position)
+            if index.__class__ is not int:
                 index = position
             parts = self.choices.get(index)
             if parts is None:
                 parts = self.choices[index] = _Parts()
             delta = c.get("delta")
-            if isinstance(delta, dict) and delta:
-                token = self._delta(parts, delta) or token
-            if c.get("finish_reason") is not None:
-                parts.finish_reason = c["finish_reason"]
+            if delta and delta.__class__ is dict:
+                for key, value in delta.items():
+                    if key == "content":
+                        if value.__class__ is str:
+                            if parts.content is None:
+                                parts.content = []
+                            if value:
+                                parts.content.append(value)
+                                token = True
+                    elif key == "reasoning" or key == "reasoning_content":
+                        if value and value.__class__ is str:
+                            if parts.reasoning is None:
+                                parts.reasoning = []
+                            parts.reasoning.append(value)
+                            token = True
+                    elif key == "tool_calls":
+                        if value and value.__class__ is list:
+                            token = True
+                            for i, fragment in enumerate(value):
+                                if fragment.__class__ is dict:
+                                    self._tool_fragment(parts, fragment, i)
+                    elif key == "role":
+                        if parts.role is None and value is not None:
+                            parts.role = value
+                    elif key == "refusal":
+                        if value and value.__class__ is str:
+                            if parts.refusal is None:
+                                parts.refusal = []
+                            parts.refusal.append(value)
+                            token = True
+                    elif key == "annotations" and value and value.__class__ is list:
+                        parts.annotations = (parts.annotations or []) + value
+            finish = c.get("finish_reason")
+            if finish is not None:
+                parts.finish_reason = finish
             logprobs = c.get("logprobs")
-            if isinstance(logprobs, dict):
+            if logprobs and logprobs.__class__ is dict:
                 merged = parts.logprobs if parts.logprobs is not None else {}
                 for key, items in logprobs.items():
-                    if isinstance(items, list):
+                    if items.__class__ is list:
                         merged.setdefault(key, []).extend(items)
                 parts.logprobs = merged
-        return token
-
-    def _delta(self, parts: _Parts, delta: dict[str, Any]) -> bool:
-        token = False
-        role = delta.get("role")
-        if role is not None and parts.role is None:
-            parts.role = role
-        text = delta.get("content")
-        if isinstance(text, str):
-            if parts.content is None:
-                parts.content = []
-            if text:
-                parts.content.append(text)
-                token = True
-        for key in ("reasoning", "reasoning_content"):
-            text = delta.get(key)
-            if isinstance(text, str) and text:
-                if parts.reasoning is None:
-                    parts.reasoning = []
-                parts.reasoning.append(text)
-                token = True
-        text = delta.get("refusal")
-        if isinstance(text, str) and text:
-            if parts.refusal is None:
-                parts.refusal = []
-            parts.refusal.append(text)
-            token = True
-        calls = delta.get("tool_calls")
-        if isinstance(calls, list) and calls:
-            token = True
-            for position, fragment in enumerate(calls):
-                if isinstance(fragment, dict):
-                    self._tool_fragment(parts, fragment, position)
-        notes = delta.get("annotations")
-        if isinstance(notes, list) and notes:
-            parts.annotations = (parts.annotations or []) + notes
         return token
 
     def _tool_fragment(self, parts: _Parts, fragment: dict[str, Any], position: int) -> None:

@@ -164,7 +164,31 @@ class RowSource:
             raise InputError(self.path, pos, None, f"expected a JSON object, got {type(obj).__name__}")
         record: dict[str, Any] | None = None
         custom_id = obj.get("custom_id")
-        if "body" in obj and ("url" in obj or "method" in obj):
+        id_col, msg_col, body_col = self.spec.id_column, self.spec.messages_column, self.spec.body_column
+        if id_col is not None:
+            if id_col not in obj:
+                raise InputError(self.path, pos, id_col, "missing (the id column)")
+            custom_id = obj[id_col]
+            if isinstance(custom_id, int) and not isinstance(custom_id, bool):
+                custom_id = str(custom_id)
+        if msg_col is not None or body_col is not None:
+            col = msg_col or body_col
+            assert col is not None
+            if col not in obj:
+                raise InputError(self.path, pos, col, "missing (the spec maps it)")
+            value = _json_cell(obj[col], self.path, pos, col)
+            record = {k: v for k, v in obj.items() if k != col}
+            if msg_col is not None:
+                body = {"messages": _drop_nulls(value)}
+            elif isinstance(value, dict):
+                body = {k: v for k, v in value.items() if v is not None or self.spec.format != "parquet"}
+                if "messages" in body:
+                    body["messages"] = _drop_nulls(body["messages"])
+            else:
+                raise InputError(
+                    self.path, pos, col, f"expected a request object, got {type(value).__name__}"
+                )
+        elif "body" in obj and ("url" in obj or "method" in obj):
             body = self._batch_body(obj, pos)
         elif "messages" in obj:
             body = {k: v for k, v in obj.items() if k != "custom_id"}
@@ -174,12 +198,6 @@ class RowSource:
                 body["messages"] = _drop_nulls(body.get("messages"))
         elif self.template is not None:
             record = obj
-            if self.spec.id_column is not None:
-                if self.spec.id_column not in obj:
-                    raise InputError(self.path, pos, self.spec.id_column, "missing (the id column)")
-                custom_id = obj[self.spec.id_column]
-                if isinstance(custom_id, int) and not isinstance(custom_id, bool):
-                    custom_id = str(custom_id)
             body = {"messages": self._fill(obj, pos)}
         else:
             raise InputError(
@@ -304,6 +322,16 @@ class RowSource:
             return orjson.dumps(value, default=str).decode()
 
         return _PLACEHOLDER.sub(sub, text)
+
+
+def _json_cell(value: Any, path: str, pos: str, col: str) -> Any:
+    """A mapped column's value: already structured (Parquet) or JSON text (JSONL, CSV-ish)."""
+    if isinstance(value, str | bytes):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise InputError(path, pos, col, f"not valid JSON: {exc}") from None
+    return value
 
 
 def _drop_nulls(messages: Any) -> Any:

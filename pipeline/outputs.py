@@ -44,6 +44,7 @@ RESULT_SCHEMA = pa.schema(
         ("response_id", pa.string()),
         ("finish_reason", pa.string()),
         ("content", pa.string()),
+        ("parsed", pa.string()),
         ("reasoning", pa.string()),
         ("refusal", pa.string()),
         ("tool_calls", pa.string()),
@@ -56,6 +57,7 @@ RESULT_SCHEMA = pa.schema(
         ("reported_cost_usd", MONEY),
         ("attempts", pa.int64()),
         ("error", pa.string()),
+        ("choices", pa.string()),
     ]
 )
 _RESULT_NAMES = frozenset(RESULT_SCHEMA.names)
@@ -83,6 +85,10 @@ def outcome_result(o: Outcome) -> dict[str, Any]:
         "response_id": c.response_id if c else None,
         "finish_reason": first.finish_reason if first else None,
         "content": first.content if first else None,
+        "parsed": a.parsed if a else None,
+        "choices_json": None
+        if c is None or len(c.choices) < 2
+        else orjson.dumps([ch.to_dict() for ch in c.choices]).decode(),
         "reasoning": first.reasoning if first else None,
         "refusal": first.refusal if first else None,
         "tool_calls": None
@@ -107,6 +113,8 @@ def _result_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
         for name in RESULT_SCHEMA.names:
             if name == "cost_usd":
                 cols[name].append(_money(r.get("cost_picousd")))
+            elif name == "choices":
+                cols[name].append(r.get("choices_json"))
             elif name == "reported_cost_usd":
                 v = r.get("reported_cost_usd")
                 if v is None and r.get("reported_cost_picousd") is not None:

@@ -57,6 +57,18 @@ TABLE: tuple[Rule, ...] = (
     Rule("transport", "connect error, timeouts, connection reset, body cut short", Action.RETRY),
     Rule("invalid_response", "200 with invalid JSON or no choices", Action.RETRY),
     Rule("finish_error", 'finish_reason "error"', Action.RETRY),
+    Rule(
+        "invalid_output",
+        "a structured answer that is not JSON valid for its schema (retried "
+        "policy.invalid_answer_retries times, then the request fails)",
+        Action.RETRY,
+    ),
+    Rule(
+        "reasoning_exhausted",
+        'finish_reason "length" with no answer: reasoning used up max_tokens '
+        '(retried with more max_tokens when policy.reasoning_exhausted = "grow")',
+        Action.FAIL,
+    ),
 )
 _BY_NAME = {r.name: r for r in TABLE}
 
@@ -88,6 +100,8 @@ def classify(exc: RequestError, policy: PolicySpec = DEFAULT_POLICY) -> Verdict:
     action = _BY_NAME[name].action
     if name == "content_filter":
         action = {"fallback": Action.FALLBACK, "fail": Action.FAIL}.get(policy.content_filter, Action.FAIL)
+    elif name == "reasoning_exhausted" and policy.reasoning_exhausted == "grow":
+        action = Action.RETRY
     return Verdict(action, name)
 
 
@@ -97,8 +111,8 @@ def _rule_name(exc: RequestError) -> str:
     if isinstance(exc, InvalidResponse):
         if exc.code == "finish_reason_error":
             return "finish_error"
-        if exc.code == "content_filter":
-            return "content_filter"
+        if exc.code in ("content_filter", "invalid_output", "reasoning_exhausted"):
+            return exc.code
         return "invalid_response"
     code = (exc.code or "").lower()
     text = f"{code} {exc.message}"

@@ -111,6 +111,16 @@ class Choice:
     refusal: str | None = None
     tool_calls: list[Any] | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "finish_reason": self.finish_reason,
+            "content": self.content,
+            "reasoning": self.reasoning,
+            "refusal": self.refusal,
+            "tool_calls": self.tool_calls,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class StreamTiming:
@@ -170,6 +180,8 @@ class Attempt:
     cost_picousd: int | None = None  # computed from the price catalogue
     cost_source: str | None = None  # spec | catalogue | None
     cost_note: str | None = None  # why the cost is NULL, if it is
+    parsed: str | None = None  # the structured answer, validated, as JSON text
+    validation_error: str | None = None
     stream: bool | None = None  # sent with stream: true
     ttft_ms: float | None = None  # streamed: time to first token
     ttlt_ms: float | None = None  # streamed: time to last token

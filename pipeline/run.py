@@ -38,7 +38,7 @@ from pipeline.pricing import PriceBook, picousd, usd
 from pipeline.progress import Counters, Display
 from pipeline.recorder import Claim, Recorder
 from pipeline.records import Outcome
-from pipeline.spec import JobSpec, resolve_api_key
+from pipeline.spec import JobSpec, MockSpec, resolve_api_key
 from pipeline.store.db import Store, utcnow
 from pipeline.transport import AiohttpTransport
 from pipeline.worker import EndpointState, Route, Task, Worker
@@ -328,11 +328,13 @@ async def _start_mock(stack: AsyncExitStack, spec: JobSpec) -> str | None:
         return None
     from pipeline.mock import MockConfig, MockServer
 
-    m = spec.mock
-    config = (
-        MockConfig()
-        if m is None
-        else MockConfig(latency_ms=m.latency_ms, rate_429=m.rate_429, rate_500=m.rate_500, seed=m.seed)
+    m = spec.mock or MockSpec()
+    config = MockConfig(
+        latency_ms=m.latency_ms,
+        rate_429=m.rate_429,
+        rate_500=m.rate_500,
+        seed=m.seed,
+        models=m.models if m.models is not None else tuple(r.model for r in spec.routes),
     )
     server = await anyio.to_thread.run_sync(MockServer(config).start)
     stack.callback(server.stop)

@@ -124,6 +124,10 @@ class PolicySpec:
     """Choices in the failure classification table that users may change."""
 
     content_filter: str = "fallback"  # fallback | fail | accept
+    invalid_answer_retries: int = 2  # structured answers invalid for their schema, retried
+    reasoning_exhausted: str = "fail"  # fail | grow (retry with max_tokens x max_tokens_growth)
+    max_tokens_growth: float = 2.0
+    max_tokens_cap: int = 65_536
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,9 @@ class TemplateSpec:
 class InputSpec:
     path: Path
     format: str = "auto"  # auto | jsonl | parquet
-    id_column: str | None = None
+    id_column: str | None = None  # the column that becomes custom_id
+    messages_column: str | None = None  # a column holding ready-made messages
+    body_column: str | None = None  # a column holding a whole request body (object or JSON text)
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,7 @@ class MockSpec:
     rate_429: float = 0.0
     rate_500: float = 0.0
     seed: int = 0
+    models: tuple[str, ...] | None = None  # None: the models of the job's fallback chain
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,8 @@ class JobSpec:
                 "path": str(self.input.path),
                 "format": self.input.format,
                 "id_column": self.input.id_column,
+                "messages_column": self.input.messages_column,
+                "body_column": self.input.body_column,
             },
             "endpoints": {
                 n: {
@@ -405,14 +414,7 @@ def _build(raw: dict[str, Any], r: _Reader, default_job: str | None) -> JobSpec:
 
     retry = _retry(raw.get("retry", {}), r)
     breaker = _breaker(raw.get("breaker", {}), r)
-    policy_raw = r.table(raw.get("policy", {}), "policy", {"content_filter"})
-    policy = PolicySpec(
-        content_filter=r.choice(
-            policy_raw.get("content_filter", "fallback"),
-            "policy.content_filter",
-            ("fallback", "fail", "accept"),
-        )
-    )
+    policy = _policy(raw.get("policy", {}), r)
     request = raw.get("request", {})
     if not isinstance(request, dict):
         raise r.fail("request", f"expected a table of request fields, got {_show(request)}")
@@ -458,7 +460,7 @@ def _build(raw: dict[str, Any], r: _Reader, default_job: str | None) -> JobSpec:
 def _input(raw: Any, r: _Reader) -> InputSpec:
     if raw is None:
         raise r.fail("input", "no input given (set input.path in the spec or pass --input FILE)")
-    t = r.table(raw, "input", {"path", "format", "id_column"})
+    t = r.table(raw, "input", {"path", "format", "id_column", "messages_column", "body_column"})
     if "path" not in t:
         raise r.fail("input.path", "missing (the JSONL or Parquet file to read)")
     path = Path(r.string(t["path"], "input.path"))
@@ -473,12 +475,13 @@ def _input(raw: Any, r: _Reader) -> InputSpec:
             raise r.fail("input.format", f"cannot tell the format of {path.name!r}; set jsonl or parquet")
     if not path.is_file():
         raise r.fail("input.path", f"input file not found: {path}")
-    id_col = t.get("id_column")
-    return InputSpec(
-        path=path,
-        format=fmt,
-        id_column=None if id_col is None else r.string(id_col, "input.id_column"),
-    )
+    cols = {
+        k: None if t.get(k) is None else r.string(t[k], f"input.{k}")
+        for k in ("id_column", "messages_column", "body_column")
+    }
+    if cols["messages_column"] and cols["body_column"]:
+        raise r.fail("input.body_column", "set messages_column or body_column, not both")
+    return InputSpec(path=path, format=fmt, **cols)
 
 
 def _endpoints(raw: Any, r: _Reader) -> dict[str, EndpointSpec]:
@@ -590,6 +593,29 @@ def _retry(raw: Any, r: _Reader) -> RetrySpec:
     return RetrySpec(**values)
 
 
+def _policy(raw: Any, r: _Reader) -> PolicySpec:
+    d = PolicySpec()
+    t = r.table(raw, "policy", set(d.__dict__))
+    growth = r.number(t.get("max_tokens_growth", d.max_tokens_growth), "policy.max_tokens_growth")
+    if growth <= 1:
+        raise r.fail("policy.max_tokens_growth", f"expected a factor above 1, got {growth:g}")
+    return PolicySpec(
+        content_filter=r.choice(
+            t.get("content_filter", d.content_filter), "policy.content_filter", ("fallback", "fail", "accept")
+        ),
+        invalid_answer_retries=r.integer(
+            t.get("invalid_answer_retries", d.invalid_answer_retries), "policy.invalid_answer_retries"
+        ),
+        reasoning_exhausted=r.choice(
+            t.get("reasoning_exhausted", d.reasoning_exhausted),
+            "policy.reasoning_exhausted",
+            ("fail", "grow"),
+        ),
+        max_tokens_growth=growth,
+        max_tokens_cap=r.integer(t.get("max_tokens_cap", d.max_tokens_cap), "policy.max_tokens_cap", 1),
+    )
+
+
 def _breaker(raw: Any, r: _Reader) -> BreakerSpec:
     d = BreakerSpec()
     t = r.table(raw, "breaker", set(d.__dict__))
@@ -648,12 +674,19 @@ def _prices(raw: Any, r: _Reader) -> dict[str, ModelPrice]:
 
 
 def _mock(raw: Any, r: _Reader) -> MockSpec:
-    t = r.table(raw, "mock", {"latency_ms", "rate_429", "rate_500", "seed"})
+    t = r.table(raw, "mock", {"latency_ms", "rate_429", "rate_500", "seed", "models"})
+    models = t.get("models")
+    if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
+        raise r.fail("mock.models", "expected a list of model names")
+    rates = {k: r.number(t.get(k, 0.0), f"mock.{k}") for k in ("rate_429", "rate_500")}
+    for k, v in rates.items():
+        if v > 1:
+            raise r.fail(f"mock.{k}", f"expected a share between 0 and 1, got {v:g}")
     return MockSpec(
         latency_ms=r.number(t.get("latency_ms", 0.0), "mock.latency_ms"),
-        rate_429=r.number(t.get("rate_429", 0.0), "mock.rate_429"),
-        rate_500=r.number(t.get("rate_500", 0.0), "mock.rate_500"),
         seed=r.integer(t.get("seed", 0), "mock.seed"),
+        models=None if models is None else tuple(models),
+        **rates,
     )
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from pipeline.answers import check_answer, output_limit
 from pipeline.client import ChatClient
 from pipeline.errors import InvalidResponse, RateLimited, RequestError
 from pipeline.limits import CircuitBreaker, RouteLimiter
@@ -36,6 +37,10 @@ UNKNOWN_OUTPUT_LIMIT = 16_384  # budget worst case when max_tokens is unset and 
 
 class _OverBudget(Exception):
     """The budget cannot cover this attempt's worst case."""
+
+
+class _EndpointStopped(Exception):
+    """The endpoint was stopped (bad key, no credit) while this request waited for a slot."""
 
 
 @dataclass
@@ -215,20 +220,27 @@ class Worker:
         start = len(walk.attempts)
 
         def stop(rs: RetryCallState) -> bool:
+            invalid = sum(1 for a in walk.attempts if a.error_class == "invalid_output")
             return (
-                len(walk.attempts) - start >= self.retry.max_attempts_per_route
+                invalid > self.policy.invalid_answer_retries
+                or not self._grow_output(walk, rs)
+                or len(walk.attempts) - start >= self.retry.max_attempts_per_route
                 or len(walk.attempts) >= self.retry.max_attempts_per_request
                 or route.endpoint.stopped is not None
                 or route.breaker.state == "open"
             )
 
         def wait(rs: RetryCallState) -> float:
+            # tenacity asks for the wait before deciding to stop: record it only when slept.
             exc = rs.outcome.exception() if rs.outcome else None
             delay = retry_delay(exc, len(walk.attempts) - start, self.retry)
-            walk.attempts[-1].wait_s = delay
             if isinstance(exc, RateLimited):
-                route.limiter.rate_limited(delay, exc.rate)
+                route.limiter.rate_limited(delay, exc.rate)  # the route waits, retried or not
             return delay
+
+        def before_sleep(rs: RetryCallState) -> None:
+            if rs.next_action is not None and walk.attempts:
+                walk.attempts[-1].wait_s = rs.next_action.sleep
 
         retrying = AsyncRetrying(
             stop=stop,
@@ -236,6 +248,7 @@ class Worker:
             retry=retry_if_exception(
                 lambda e: isinstance(e, RequestError) and classify(e, self.policy).action is Action.RETRY
             ),
+            before_sleep=before_sleep,
             sleep=self._sleep,
             reraise=True,
         )
@@ -243,6 +256,8 @@ class Worker:
             async for attempt in retrying:
                 with attempt:
                     await self._attempt(route, walk)
+        except _EndpointStopped:
+            return Action.STOP_ENDPOINT, route.endpoint.stopped
         except RequestError as exc:
             verdict = classify(exc, self.policy)
             if verdict.action is Action.STOP_ENDPOINT and route.endpoint.stopped is None:
@@ -250,10 +265,13 @@ class Worker:
                 route.endpoint.rule = verdict.rule
             if verdict.action is Action.RETRY:
                 walk.attempts[-1].outcome = "retries_spent"
+                if verdict.rule in ("invalid_output", "reasoning_exhausted"):
+                    return Action.FAIL, exc.message  # the model's answers, not the route, failed
             return verdict.action, exc.message
         return None, None
 
     async def _attempt(self, route: Route, walk: _Walk) -> Completion:
+        sent_before = len(walk.attempts)
         reserved = 0
         if self.budget is not None:
             output = walk.max_output
@@ -265,11 +283,20 @@ class Worker:
                 raise _OverBudget
         try:
             completion = await self._send(route, walk)
+            done = walk.attempts[-1]
+            try:
+                done.parsed = check_answer(walk.task.body, completion)
+            except InvalidResponse as exc:  # billed, but not an answer this request can use
+                done.validation_error = exc.message
+                self._fail(route, done, exc)
+                raise
         except RequestError as exc:
             verdict = classify(exc, self.policy)
             if not isinstance(exc, RateLimited):  # a 429's wait is set in _on_route
                 route.limiter.observe(exc.rate)
-            if verdict.action is Action.RETRY and verdict.rule != "rate_limited":
+            if verdict.rule in ("invalid_output", "reasoning_exhausted"):
+                route.breaker.record(True)  # the route answered; the answer was the trouble
+            elif verdict.action is Action.RETRY and verdict.rule != "rate_limited":
                 route.breaker.record(False)
             raise
         else:
@@ -278,8 +305,8 @@ class Worker:
             return completion
         finally:
             if self.budget is not None:
-                a = walk.attempts[-1] if walk.attempts else None
-                self.budget.settle(reserved, (a.cost_picousd or 0) if a else 0)
+                last = walk.attempts[-1] if len(walk.attempts) > sent_before else None
+                self.budget.settle(reserved, (last.cost_picousd or 0) if last else 0)
 
     async def _send(self, route: Route, walk: _Walk) -> Completion:
         a = Attempt(
@@ -293,6 +320,9 @@ class Worker:
         )
         walk.attempts.append(a)
         async with route.limiter.slot(walk.tokens) as permit:
+            if route.endpoint.stopped is not None:  # it stopped while we waited for a slot
+                walk.attempts.remove(a)
+                raise _EndpointStopped
             a.started_at = utcnow()
             t0 = time.perf_counter()
             try:
@@ -323,6 +353,23 @@ class Worker:
                 raise
         a.outcome = "success"
         return completion
+
+    def _grow_output(self, walk: _Walk, rs: RetryCallState) -> bool:
+        """Before retrying an answer whose reasoning ate max_tokens, raise max_tokens.
+
+        False when it is already at the cap (no point asking again)."""
+        exc = rs.outcome.exception() if rs.outcome else None
+        if not (isinstance(exc, InvalidResponse) and exc.code == "reasoning_exhausted"):
+            return True
+        cap = output_limit(walk.task.body)
+        if cap is None or cap[1] >= self.policy.max_tokens_cap:
+            return False
+        key, value = cap
+        bigger = min(self.policy.max_tokens_cap, int(value * self.policy.max_tokens_growth))
+        walk.task = replace(walk.task, body={**walk.task.body, key: bigger})
+        walk.max_output = bigger * walk.n
+        walk.tokens = walk.prompt_tokens + walk.max_output
+        return True
 
     def _keep(self, route: Route, a: Attempt, completion: Completion) -> None:
         a.completion = completion

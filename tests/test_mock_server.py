@@ -8,12 +8,15 @@ and a 64-connection aiohttp client loop reports requests per second.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ import jsonschema
 import orjson
 import pytest
 
-from pipeline.mock import MockConfig, MockServer, MockStats, serve
+from pipeline.mock import FAULT_KINDS, MockConfig, MockServer, MockStats, ModelFaults, parse_fault, serve
 from pipeline.mock.schema_fake import fake_instance
 from pipeline.mock.server import _duration
 
@@ -377,6 +380,467 @@ def test_config_rejects_impossible_values() -> None:
         MockConfig(rate_429=0.6, rate_500=0.6)
     with pytest.raises(ValueError, match="fail_status"):
         MockConfig(fail_status=200)
+
+
+# --------------------------------------------------------------------------- per-model faults
+
+
+def faulty(**faults: ModelFaults) -> MockServer:
+    """A server whose models (``-`` written ``_`` in the keyword) have the given faults."""
+    return MockServer(MockConfig(model_faults={k.replace("_", "-"): v for k, v in faults.items()}))
+
+
+def raw_post(server: MockServer, model: str, *, timeout: float = 5.0, **extra: Any) -> tuple[bytes, str]:
+    """POST over a bare socket; returns every byte received and how it ended (eof | reset | timeout)."""
+    body = orjson.dumps(chat(model, **extra))
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    received = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        sock.sendall(head.encode() + body)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            return received, "reset"
+        except TimeoutError:
+            return received, "timeout"
+    return received, "eof"
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "code"),
+    [
+        (400, "invalid_request_error", "invalid_type"),
+        (403, "request_forbidden", "unsupported_country_region_territory"),
+        (404, "invalid_request_error", "model_not_found"),
+        (408, "timeout", None),
+        (409, "invalid_request_error", "conflict"),
+        (413, "invalid_request_error", "request_too_large"),
+        (422, "invalid_request_error", "invalid_value"),
+        (500, "server_error", None),
+        (502, "server_error", None),
+        (503, "server_error", None),
+        (504, "server_error", None),
+        (520, "server_error", None),
+        (524, "server_error", None),
+        (529, "overloaded_error", None),
+        (599, "server_error", None),
+        (418, "invalid_request_error", None),
+    ],
+)
+def test_status_fault_answers_that_status_with_an_openai_shaped_body(
+    status: int, kind: str, code: str | None
+) -> None:
+    """A status fault answers its status with the {"error": {message, type, param, code}} body."""
+    with faulty(m=ModelFaults("status", status=status)) as server, client_for(server) as http:
+        response = http.post("/chat/completions", json=chat("m"))
+        stats = server.stats()
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["x-request-id"].startswith("req_")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and (error["type"], error["code"]) == (kind, code)
+    assert "retry-after" not in response.headers
+    assert stats.by_status == {status: 1} and stats.faults == {"status": 1}
+    assert stats.by_model == {"m": 1} and stats.completions == 0
+
+
+def test_401_and_402_status_faults_use_openai_and_openrouter_bodies() -> None:
+    """401 is OpenAI's invalid_api_key; 402 is OpenRouter's numeric-code "Insufficient credits"."""
+    faults = {"a": ModelFaults("status", status=401), "b": ModelFaults("status", status=402)}
+    with MockServer(MockConfig(model_faults=faults)) as server, client_for(server) as http:
+        unauthorized = http.post("/chat/completions", json=chat("a"))
+        no_credits = http.post("/chat/completions", json=chat("b"))
+    assert unauthorized.status_code == 401
+    assert unauthorized.json()["error"]["code"] == "invalid_api_key"
+    assert no_credits.status_code == 402
+    assert no_credits.json() == {
+        "error": {
+            "code": 402,
+            "message": "Insufficient credits. Add more using https://openrouter.ai/settings/credits",
+        }
+    }
+
+
+def test_5xx_fault_can_be_a_cdn_html_page() -> None:
+    """html=True sends a 5xx as Cloudflare's HTML error page, not JSON."""
+    with faulty(m=ModelFaults("status", status=522, html=True)) as server, client_for(server) as http:
+        response = http.post("/chat/completions", json=chat("m"))
+    assert response.status_code == 522
+    assert response.headers["content-type"].startswith("text/html")
+    assert "<title>522 Connection timed out</title>" in response.text and "cloudflare" in response.text
+
+
+@pytest.mark.parametrize(
+    ("how", "present", "absent"),
+    [
+        ("seconds", {"retry-after": "1"}, ("retry-after-ms",)),
+        ("ms", {"retry-after-ms": "750"}, ("retry-after",)),
+        ("both", {"retry-after": "1", "retry-after-ms": "750"}, ()),
+        ("none", {}, ("retry-after", "retry-after-ms")),
+    ],
+)
+def test_429_fault_says_retry_after_as_asked(
+    how: str, present: dict[str, str], absent: tuple[str, ...]
+) -> None:
+    """A 429 status fault is rate_limit_exceeded with Retry-After in seconds, ms, both or none."""
+    fault = ModelFaults("status", status=429, retry_after_s=0.75, retry_after=how)
+    with faulty(m=fault) as server, client_for(server) as http:
+        response = http.post("/chat/completions", json=chat("m"))
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert error["message"].startswith("Rate limit reached for m in organization org-mock")
+    assert {k: response.headers[k] for k in present} == present
+    assert not any(k in response.headers for k in absent)
+
+
+def test_429_fault_can_say_retry_after_as_an_http_date() -> None:
+    """retry_after="date": Retry-After is an IMF-fixdate at least retry_after_s from now."""
+    fault = ModelFaults("status", status=429, retry_after_s=1.0, retry_after="date")
+    with faulty(m=fault) as server, client_for(server) as http:
+        before = time.time()
+        response = http.post("/chat/completions", json=chat("m"))
+    value = response.headers["retry-after"]
+    assert re.fullmatch(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT", value)
+    when = email.utils.parsedate_to_datetime(value).timestamp()
+    assert before + 1.0 <= when <= time.time() + 2.0
+    assert "retry-after-ms" not in response.headers
+
+
+def test_insufficient_quota_fault_is_openai_429_or_openrouter_402() -> None:
+    """insufficient_quota: OpenAI's 429 (no Retry-After), or OpenRouter's 402 with status=402."""
+    faults = {
+        "a": ModelFaults("insufficient_quota"),
+        "b": ModelFaults("insufficient_quota", status=402),
+    }
+    with MockServer(MockConfig(model_faults=faults)) as server, client_for(server) as http:
+        quota = http.post("/chat/completions", json=chat("a"))
+        credits = http.post("/chat/completions", json=chat("b"))
+    assert quota.status_code == 429
+    assert quota.json() == {
+        "error": {
+            "message": "You exceeded your current quota, please check your plan and billing details. "
+            "For more information on this error, read the docs: "
+            "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_quota",
+        }
+    }
+    assert "retry-after" not in quota.headers and "retry-after-ms" not in quota.headers
+    assert credits.status_code == 402
+    assert credits.json()["error"]["code"] == 402
+    assert credits.json()["error"]["message"].startswith("Insufficient credits")
+
+
+def test_unauthorized_fault_is_401_invalid_api_key_or_a_403() -> None:
+    """unauthorized: 401 invalid_api_key by default, 403 request_forbidden with status=403."""
+    faults = {"a": ModelFaults("unauthorized"), "b": ModelFaults("unauthorized", status=403)}
+    with MockServer(MockConfig(model_faults=faults)) as server, client_for(server) as http:
+        a = http.post("/chat/completions", json=chat("a"))
+        b = http.post("/chat/completions", json=chat("b"))
+    assert a.status_code == 401
+    assert a.json()["error"] == {
+        "message": "Incorrect API key provided.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+    assert b.status_code == 403
+    assert b.json()["error"]["type"] == "request_forbidden"
+
+
+def test_context_length_fault_is_400_context_length_exceeded() -> None:
+    """context_length: OpenAI's 400 with code context_length_exceeded on param messages."""
+    with faulty(m=ModelFaults("context_length")) as server, client_for(server) as http:
+        response = http.post("/chat/completions", json=chat("m"))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["message"].startswith(
+        "This model's maximum context length is 128000 tokens. However, your messages resulted in "
+        "130000 tokens."
+    )
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        "messages",
+        "context_length_exceeded",
+    )
+
+
+def test_content_filter_400_fault_is_azure_shaped() -> None:
+    """content_filter_400: Azure's 400 with code content_filter, param prompt and status 400."""
+    with faulty(m=ModelFaults("content_filter_400")) as server, client_for(server) as http:
+        response = http.post("/chat/completions", json=chat("m"))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"], error["status"]) == ("content_filter", "prompt", 400)
+    assert error["message"].startswith(
+        "The response was filtered due to the prompt triggering Azure OpenAI's content management policy."
+    )
+    assert error["innererror"]["code"] == "ResponsibleAIPolicyViolation"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(
+    ("kind", "finish"),
+    [("content_filter_finish", "content_filter"), ("finish_error", "error")],
+)
+def test_finish_reason_faults_are_200s_with_usage(kind: str, finish: str, stream: bool) -> None:
+    """content_filter_finish / finish_error: a 200 ending with that finish_reason, usage billed."""
+    with faulty(m=ModelFaults(kind)) as server, client_for(server) as http:
+        extra: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+        response = http.post("/chat/completions", json=chat("m", **extra))
+        stats = server.stats()
+    assert response.status_code == 200
+    if stream:
+        chunks = sse_chunks(response.text)
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finishes[-1] == finish and set(finishes[:-1]) == {None}
+        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        usage = chunks[-1]["usage"]
+    else:
+        [choice] = response.json()["choices"]
+        assert choice["finish_reason"] == finish
+        content = choice["message"]["content"]
+        usage = response.json()["usage"]
+    if kind == "content_filter_finish":
+        assert not content
+        if not stream:
+            assert choice["message"]["content"] is None
+    else:
+        assert content.startswith("Mock answer ")
+    assert usage["prompt_tokens"] > 0 and usage["total_tokens"] >= usage["prompt_tokens"]
+    assert stats.faults == {kind: 1} and stats.by_status == {200: 1}
+
+
+def test_bad_request_fault_is_400_or_422() -> None:
+    """bad_request: 400 invalid_request_error by default, 422 with status=422."""
+    faults = {"a": ModelFaults("bad_request"), "b": ModelFaults("bad_request", status=422)}
+    with MockServer(MockConfig(model_faults=faults)) as server, client_for(server) as http:
+        a = http.post("/chat/completions", json=chat("a"))
+        b = http.post("/chat/completions", json=chat("b"))
+    assert a.status_code == 400 and a.json()["error"]["type"] == "invalid_request_error"
+    assert a.json()["error"]["code"] == "invalid_type"
+    assert b.status_code == 422 and b.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_hang_fault_never_answers_and_does_not_block_other_requests() -> None:
+    """hang: not a byte comes back, other requests are answered meanwhile, and stop is prompt."""
+    server = faulty(m=ModelFaults("hang")).start()
+    results: list[tuple[bytes, str]] = []
+    hung = threading.Thread(target=lambda: results.append(raw_post(server, "m", timeout=30)))
+    try:
+        received, how = raw_post(server, "m", timeout=0.3)
+        assert (received, how) == (b"", "timeout")
+        hung.start()
+        with client_for(server) as http:
+            started = time.perf_counter()
+            assert http.post("/chat/completions", json=chat()).status_code == 200
+            assert time.perf_counter() - started < 0.2
+        time.sleep(0.1)
+        stats = server.stats()
+        assert stats.faults == {"hang": 2} and stats.by_status == {200: 1}
+    finally:
+        started = time.perf_counter()
+        server.stop()
+        stopped_in = time.perf_counter() - started
+        hung.join(5)
+    assert stopped_in < 1.0
+    assert results == [(b"", "reset")] or results == [(b"", "eof")]
+
+
+def test_reset_fault_closes_the_connection_without_a_byte() -> None:
+    """reset: the TCP connection is aborted before any response byte."""
+    with faulty(m=ModelFaults("reset")) as server:
+        received, how = raw_post(server, "m")
+        with client_for(server) as http, pytest.raises(httpx.RemoteProtocolError):
+            http.post("/chat/completions", json=chat("m"))
+        stats = server.stats()
+    assert received == b"" and how in ("reset", "eof")
+    assert stats.faults == {"reset": 2} and stats.by_status == {} and stats.requests_total == 2
+
+
+def test_truncated_fault_sends_fewer_bytes_than_its_content_length() -> None:
+    """truncated: a 200 announcing Content-Length N, fewer than N bytes of JSON, then EOF."""
+    with faulty(m=ModelFaults("truncated")) as server:
+        received, how = raw_post(server, "m")
+        with client_for(server) as http, pytest.raises(httpx.RemoteProtocolError):
+            http.post("/chat/completions", json=chat("m"))
+        stats = server.stats()
+    status, headers, body = split_response(received)
+    assert (status, how) == (200, "eof")
+    assert headers["content-type"].startswith("application/json")
+    assert 0 < len(body) < int(headers["content-length"])
+    assert body.startswith(b'{"id":"chatcmpl-')
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(body)
+    assert stats.faults == {"truncated": 2} and stats.by_status == {} and stats.completions == 0
+
+
+def test_truncated_stream_ends_without_its_last_chunk() -> None:
+    """truncated, streamed: chunked SSE that stops mid-answer, without [DONE] or the end chunk."""
+    with faulty(m=ModelFaults("truncated")) as server:
+        received, how = raw_post(server, "m", stream=True)
+    status, headers, body = split_response(received)
+    assert (status, how) == (200, "eof")
+    assert headers["transfer-encoding"] == "chunked"
+    assert b"data: {" in body and b"[DONE]" not in body
+    assert not body.endswith(b"0\r\n\r\n")
+
+
+def test_invalid_json_fault_is_a_200_that_does_not_parse() -> None:
+    """invalid_json: a 200 with a JSON content type whose body is not JSON."""
+    with faulty(m=ModelFaults("invalid_json")) as server, client_for(server) as http:
+        response = http.post("/chat/completions", json=chat("m"))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(response.content)
+
+
+def test_fault_with_first_n_is_transient_per_body_and_spares_other_models() -> None:
+    """first=2: each distinct body fails twice then succeeds; models without faults never fail."""
+    with faulty(m=ModelFaults("status", status=503, first=2)) as server, client_for(server) as http:
+        same = [http.post("/chat/completions", json=chat("m")).status_code for _ in range(3)]
+        other_body = http.post("/chat/completions", json=chat("m", seed=1)).status_code
+        clean = [http.post("/chat/completions", json=chat("gpt-4o-mini")).status_code for _ in range(3)]
+        server.reset()
+        after_reset = http.post("/chat/completions", json=chat("m")).status_code
+    assert same == [503, 503, 200]
+    assert other_body == 503
+    assert clean == [200, 200, 200]
+    assert after_reset == 503
+
+
+def test_fault_with_match_hits_only_bodies_containing_the_text() -> None:
+    """match="POISON": only requests whose body contains it misbehave (a poison row)."""
+    fault = ModelFaults("bad_request", status=422, match="POISON")
+    poison = [{"role": "user", "content": "a POISON row"}]
+    with faulty(m=fault) as server, client_for(server) as http:
+        bad = http.post("/chat/completions", json={"model": "m", "messages": poison})
+        good = http.post("/chat/completions", json=chat("m"))
+    assert (bad.status_code, good.status_code) == (422, 200)
+
+
+def test_a_faulty_model_is_served_even_when_models_does_not_list_it() -> None:
+    """A model named in model_faults is known to the server; other unknown models are 404."""
+    config = MockConfig(models=("gpt-4o-mini",), model_faults={"m": ModelFaults("finish_error", first=1)})
+    with MockServer(config) as server, client_for(server) as http:
+        first = http.post("/chat/completions", json=chat("m"))
+        second = http.post("/chat/completions", json=chat("m"))
+        unknown = http.post("/chat/completions", json=chat("gpt-9"))
+    assert first.json()["choices"][0]["finish_reason"] == "error"
+    assert second.json()["choices"][0]["finish_reason"] == "stop"
+    assert unknown.status_code == 404
+
+
+def test_model_faults_reject_impossible_values() -> None:
+    """Unknown kinds, missing or wrong statuses and bad Retry-After formats are ValueErrors."""
+    with pytest.raises(ValueError, match="kind"):
+        ModelFaults("explode")
+    with pytest.raises(ValueError, match="HTTP error status"):
+        ModelFaults("status")
+    with pytest.raises(ValueError, match="HTTP error status"):
+        ModelFaults("status", status=200)
+    with pytest.raises(ValueError, match="429, 402"):
+        ModelFaults("insufficient_quota", status=401)
+    with pytest.raises(ValueError, match="takes no status"):
+        ModelFaults("hang", status=500)
+    with pytest.raises(ValueError, match="first"):
+        ModelFaults("reset", first=-1)
+    with pytest.raises(ValueError, match="retry_after"):
+        ModelFaults("status", status=429, retry_after="soon")
+    with pytest.raises(ValueError, match="html"):
+        ModelFaults("status", status=404, html=True)
+    with pytest.raises(ValueError, match="model_faults"):
+        MockConfig(model_faults={"m": "hang"})  # type: ignore[dict-item]
+    config = MockConfig(model_faults={"m": ModelFaults("hang")})
+    with pytest.raises(TypeError):
+        config.model_faults["x"] = ModelFaults("reset")  # type: ignore[index]
+    assert config == MockConfig(model_faults={"m": ModelFaults("hang")})
+    assert set(FAULT_KINDS) >= {"status", "hang", "reset", "truncated", "invalid_json"}
+
+
+@pytest.mark.parametrize(
+    ("text", "model", "fault"),
+    [
+        ("mock-small=503", "mock-small", ModelFaults("status", status=503)),
+        ("mock-small=503:2", "mock-small", ModelFaults("status", status=503, first=2)),
+        ("m=429", "m", ModelFaults("status", status=429)),
+        ("m=429-date:1", "m", ModelFaults("status", status=429, first=1, retry_after="date")),
+        ("m=429-ms", "m", ModelFaults("status", status=429, retry_after="ms")),
+        ("openai/gpt-4o:free=hang", "openai/gpt-4o:free", ModelFaults("hang")),
+        ("m=insufficient_quota", "m", ModelFaults("insufficient_quota")),
+        ("m=402", "m", ModelFaults("status", status=402)),
+        ("m=truncated:3", "m", ModelFaults("truncated", first=3)),
+    ],
+)
+def test_parse_fault_reads_model_kind_and_count(text: str, model: str, fault: ModelFaults) -> None:
+    """The --fault grammar MODEL=KIND[:N]: statuses, 429-date / 429-ms, kind names."""
+    assert parse_fault(text) == (model, fault)
+    assert parse_fault(text, retry_after_s=0.5)[1].retry_after_s == 0.5
+
+
+@pytest.mark.parametrize(
+    "text", ["m", "=hang", "m=", "m=explode", "m=status", "m=200", "m=hang:0", "m=hang:x"]
+)
+def test_parse_fault_rejects_bad_text(text: str) -> None:
+    """Malformed --fault values are ValueErrors that quote the text."""
+    with pytest.raises(ValueError, match=re.escape(repr(text))):
+        parse_fault(text)
+
+
+def test_cli_fault_flag_makes_a_model_misbehave() -> None:
+    """`pipeline mock-server --fault m=503:1 --fault h=hang`: m fails once per body, h hangs."""
+    args = ["--port", "0", "--fault", "m=503:1", "--fault", "q=insufficient_quota"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "mock-server", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        url = line.split()[-1]
+        with httpx.Client(base_url=url, timeout=10) as http:
+            statuses = [http.post("/chat/completions", json=chat("m")).status_code for _ in range(2)]
+            quota = http.post("/chat/completions", json=chat("q"))
+            clean = http.post("/chat/completions", json=chat()).status_code
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert statuses == [503, 200]
+    assert quota.status_code == 429 and quota.json()["error"]["code"] == "insufficient_quota"
+    assert clean == 200
+
+
+def test_cli_rejects_a_bad_fault_and_documents_the_kinds() -> None:
+    """A bad --fault is a usage error (exit 2); --help lists every fault kind."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main as cli_main
+
+    bad = CliRunner().invoke(cli_main, ["mock-server", "--fault", "m=explode"])
+    assert bad.exit_code == 2 and "unknown fault 'explode'" in bad.output
+    twice = CliRunner().invoke(cli_main, ["mock-server", "--fault", "m=hang", "--fault", "m=reset"])
+    assert twice.exit_code == 2 and "second fault" in twice.output
+    text = CliRunner().invoke(cli_main, ["mock-server", "--help"]).output
+    assert "--fault MODEL=KIND[:N]" in text
+    for kind in FAULT_KINDS:
+        assert kind == "status" or kind in text
+    assert "429-date" in text and "429-ms" in text
 
 
 # --------------------------------------------------------------------------- structured output

@@ -205,3 +205,17 @@ def test_backoff_is_reproducible_with_a_seeded_rng() -> None:
     a = [backoff_delay(n, retry, random.Random(42)) for n in range(1, 6)]
     b = [backoff_delay(n, retry, random.Random(42)) for n in range(1, 6)]
     assert a == b
+
+
+def test_the_readme_table_lists_every_rule_of_the_policy_table() -> None:
+    """The README's classification table and pipeline.policy.TABLE name the same rules."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("| failure | `error_class` | action |")
+    table = readme[start : readme.index("\n\n", start)]
+    from pipeline.policy import TABLE
+
+    for rule in TABLE:
+        assert f"| `{rule.name}` |" in table, rule.name
+    assert table.count("\n| ") - 1 == len(TABLE)

@@ -3,7 +3,11 @@
 Users dry-run jobs against it, tests and benchmarks use it. It speaks the real wire format
 (``chat.completion`` and ``chat.completion.chunk`` objects, OpenAI error bodies and headers)
 and can misbehave on purpose: sliding-window RPM/TPM limits, seeded random 429/500/invalid
-JSON answers, deterministic "fail the first N times" faults and added latency.
+JSON answers, deterministic "fail the first N times" faults, added latency, and per-model
+faults (:class:`ModelFaults`: any error status with its real body and headers, quota and key
+refusals, context length, content filters, ``finish_reason: "error"``, a request that hangs, a
+reset connection, a body cut short, invalid JSON), permanent or for the first N sightings of
+each request body.
 
 Endpoints (each also without the ``/v1`` prefix):
 
@@ -45,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import email.utils
 import hashlib
 import importlib
 import math
@@ -55,6 +60,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import orjson
@@ -64,16 +70,20 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
+from pipeline.mock import stream_faults
 from pipeline.mock.schema_fake import fake_instance
 
 __all__ = [
+    "FAULT_KINDS",
     "PRICE_CACHED_INPUT_PER_MTOK",
     "PRICE_INPUT_PER_MTOK",
     "PRICE_OUTPUT_PER_MTOK",
     "MockConfig",
     "MockServer",
     "MockStats",
+    "ModelFaults",
     "main",
+    "parse_fault",
     "serve",
 ]
 
@@ -106,6 +116,164 @@ _INVALID_JSON = b'{"id": "chatcmpl-broken", "object": "chat.completion", "choice
 _INVALID_SSE = b'data: {"id": "chatcmpl-broken", "object": "chat.completion.chunk", "cho\n\n'
 
 
+FAULT_KINDS: tuple[str, ...] = (
+    "status",
+    "insufficient_quota",
+    "unauthorized",
+    "context_length",
+    "content_filter_400",
+    "content_filter_finish",
+    "finish_error",
+    "bad_request",
+    "hang",
+    "reset",
+    "truncated",
+    "invalid_json",
+)
+"""The kinds of :class:`ModelFaults`."""
+
+_FAULT_STATUSES: dict[str, tuple[int, ...]] = {
+    "insufficient_quota": (429, 402),
+    "unauthorized": (401, 403),
+    "bad_request": (400, 422),
+}
+_RETRY_AFTER_FORMATS = ("seconds", "date", "ms", "both", "none")
+
+
+@dataclass(frozen=True)
+class ModelFaults:
+    """How requests for one model misbehave, in the wire formats real providers use.
+
+    ``kind`` is one of :data:`FAULT_KINDS`:
+
+    * ``status``: HTTP ``status`` (400-599) with that status's real error body: 400
+      ``invalid_request_error``, 401 ``invalid_api_key``, 402 OpenRouter's "Insufficient
+      credits", 403 ``request_forbidden``, 404 ``model_not_found``, 408, 409, 413, 422, 429
+      ``rate_limit_exceeded`` (with ``retry_after_s`` said as ``retry_after``), 500, 502, 503,
+      504, Cloudflare's 520-529; any other status gets a generic OpenAI-shaped body.
+    * ``insufficient_quota``: 429 ``insufficient_quota`` (OpenAI, no ``Retry-After``), or with
+      ``status=402`` OpenRouter's ``{"error": {"code": 402, "message": "Insufficient credits..."}}``.
+    * ``unauthorized``: 401 ``invalid_api_key``, or with ``status=403`` a 403.
+    * ``context_length``: 400 ``context_length_exceeded`` on ``param: "messages"``.
+    * ``content_filter_400``: Azure's 400 ``content_filter`` (``param: "prompt"``).
+    * ``content_filter_finish``: a 200 whose choices end with ``finish_reason:
+      "content_filter"`` and ``content: null``, usage included (streamed too).
+    * ``finish_error``: a 200 whose choices end with ``finish_reason: "error"``, usage
+      included, as OpenRouter bills such answers (streamed too).
+    * ``bad_request``: 400 ``invalid_request_error`` (``invalid_type``), or with ``status=422``
+      an unprocessable-entity error.
+    * ``hang``: the request is read and never answered: the connection stays open until the
+      client gives up (or the server stops). Other requests are served meanwhile.
+    * ``reset``: the TCP connection is aborted without any response.
+    * ``truncated``: the answer's headers announce the full ``Content-Length`` (a streamed
+      answer: chunked), half the body is sent, then the connection is closed.
+    * ``invalid_json``: a 200 whose body is not JSON (an SSE stream with a broken event when
+      streamed).
+
+    ``first`` 0 misbehaves on every request (a permanent fault); ``first=N`` only on the first
+    N sightings of each distinct request body, which are then answered normally (a transient
+    fault, like :attr:`MockConfig.fail_first`). ``retry_after`` is how a 429 ``status`` fault
+    asks for ``retry_after_s``: ``"seconds"`` (``Retry-After: <ceil seconds>``), ``"date"``
+    (``Retry-After: <HTTP date>``), ``"ms"`` (``retry-after-ms`` only), ``"both"``
+    (``Retry-After`` and ``retry-after-ms``, as OpenAI sends) or ``"none"``. ``html`` sends a
+    5xx as a CDN's HTML error page (as Cloudflare in front of a provider does) instead of JSON.
+    ``match``, when set, limits the fault to requests whose raw body contains that text (a
+    "poison row" among good ones); the others are answered normally.
+    """
+
+    kind: str
+    first: int = 0
+    status: int | None = None
+    retry_after_s: float = 1.0
+    retry_after: str = "seconds"
+    html: bool = False
+    match: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.kind in FAULT_KINDS, f"fault kind must be one of {', '.join(FAULT_KINDS)}")
+        _require(self.first >= 0, "fault first must be >= 0 (0 = always)")
+        _require(self.retry_after_s >= 0, "fault retry_after_s must be >= 0")
+        _require(
+            self.retry_after in _RETRY_AFTER_FORMATS,
+            f"fault retry_after must be one of {', '.join(_RETRY_AFTER_FORMATS)}",
+        )
+        if self.kind == "status":
+            _require(
+                self.status is not None and 400 <= self.status <= 599,
+                "a status fault needs an HTTP error status (400-599)",
+            )
+        elif self.kind in _FAULT_STATUSES:
+            allowed = _FAULT_STATUSES[self.kind]
+            _require(
+                self.status is None or self.status in allowed,
+                f"a {self.kind} fault's status must be one of {', '.join(map(str, allowed))}",
+            )
+        else:
+            _require(self.status is None, f"a {self.kind} fault takes no status")
+        _require(not self.html or self.http_status >= 500, "html applies to 5xx faults only")
+
+    @property
+    def http_status(self) -> int:
+        """The status line this fault answers with (200 for faults inside a 200; 0: none)."""
+        if self.status is not None:
+            return self.status
+        return _FAULT_DEFAULT_STATUS.get(self.kind, 0)
+
+
+_FAULT_DEFAULT_STATUS = {
+    "insufficient_quota": 429,
+    "unauthorized": 401,
+    "context_length": 400,
+    "content_filter_400": 400,
+    "bad_request": 400,
+    "content_filter_finish": 200,
+    "finish_error": 200,
+    "truncated": 200,
+    "invalid_json": 200,
+}
+_CLI_ALIASES = {"429-date": ("status", 429, "date"), "429-ms": ("status", 429, "ms")}
+
+
+def parse_fault(text: str, *, retry_after_s: float = 1.0) -> tuple[str, ModelFaults]:
+    """``MODEL=KIND[:N]`` (the ``--fault`` flag) into ``(model, ModelFaults)``.
+
+    KIND is a :data:`FAULT_KINDS` name other than ``status``, an HTTP status 400-599 (429 says
+    ``Retry-After`` in seconds), ``429-date`` (an HTTP-date ``Retry-After``) or ``429-ms``
+    (``retry-after-ms`` only). ``:N`` makes it transient: only the first N sightings of each
+    distinct body misbehave. Raises ValueError with a readable message.
+    """
+    model, eq, spec = text.rpartition("=")
+    if not eq or not model or not spec:
+        raise ValueError(f"{text!r}: expected MODEL=KIND[:N]")
+    name, colon, count = spec.partition(":")
+    first = 0
+    if colon:
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{text!r}: N must be a positive integer")
+        first = int(count)
+    status: int | None = None
+    retry_after = "seconds"
+    if name in _CLI_ALIASES:
+        kind, status, retry_after = _CLI_ALIASES[name]
+    elif name.isdigit():
+        kind, status = "status", int(name)
+    elif name in FAULT_KINDS and name != "status":
+        kind = name
+    else:
+        kinds = [k for k in FAULT_KINDS if k != "status"]
+        raise ValueError(
+            f"{text!r}: unknown fault {name!r}; expected an HTTP status, 429-date, 429-ms or one of "
+            + ", ".join(kinds)
+        )
+    try:
+        fault = ModelFaults(
+            kind, first=first, status=status, retry_after_s=retry_after_s, retry_after=retry_after
+        )
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+    return model, fault
+
+
 @dataclass(frozen=True)
 class MockConfig:
     """How the mock provider behaves. All faults are off and all limits open by default.
@@ -121,6 +289,9 @@ class MockConfig:
     ``report_cost`` adds ``usage.cost`` at the module's toy prices. ``finish_error_first``
     answers the first N sightings of each body (non-streamed) with a 200 whose
     ``finish_reason`` is ``"error"``, usage included, as providers bill such answers.
+    ``model_faults`` maps a model name to the :class:`ModelFaults` its requests get (a model
+    named there is served even when ``models`` does not list it); requests for other models
+    pay nothing for the feature.
     """
 
     host: str = "127.0.0.1"
@@ -148,8 +319,17 @@ class MockConfig:
     cached_tokens: int = 0
     report_cost: bool = False
     finish_error_first: int = 0
+    # chunk size, pacing and mid-stream faults of streamed answers: see stream_faults.py
+    streaming: stream_faults.StreamFaults = field(default_factory=stream_faults.StreamFaults)
+    model_faults: Mapping[str, ModelFaults] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     def __post_init__(self) -> None:
+        faults = dict(self.model_faults)
+        _require(
+            all(isinstance(k, str) and isinstance(v, ModelFaults) for k, v in faults.items()),
+            "model_faults maps model names to ModelFaults",
+        )
+        object.__setattr__(self, "model_faults", MappingProxyType(faults))
         for name in ("latency_ms", "jitter_ms", "retry_after_s"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0")
         for name in (
@@ -184,6 +364,9 @@ class MockStats:
     by_status: dict[int, int]
     by_model: dict[str, int]
     completions: int
+    #: model faults injected, by kind (``hang``, ``reset`` and ``truncated`` send no whole
+    #: answer, so they are in no ``by_status`` count)
+    faults: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; status codes become string keys."""
@@ -192,10 +375,19 @@ class MockStats:
             "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
             "by_model": dict(self.by_model),
             "completions": self.completions,
+            "faults": dict(self.faults),
         }
 
 
 # --------------------------------------------------------------------------- request model
+
+
+class _Drop(Exception):
+    """No HTTP answer at all: ``hang`` or ``reset``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
 
 
 class _Fail(Exception):
@@ -399,6 +591,7 @@ class _Plan:
     cached_tokens: int
     rate_tokens: int
     finish_error: bool = False  # answer with finish_reason "error" (billed usage kept)
+    truncated: bool = False  # send half the answer under headers announcing all of it
 
 
 def _tokens(text: str) -> int:
@@ -730,11 +923,14 @@ class _State:
     completions: int = 0
     seen: dict[bytes, int] = field(default_factory=dict)
     seen_finish: dict[bytes, int] = field(default_factory=dict)
+    seen_fault: dict[bytes, int] = field(default_factory=dict)
+    faults_by_kind: dict[str, int] = field(default_factory=dict)
     stored: dict[str, _Stored] = field(default_factory=dict)
     window: _Window | None = None
     faults: random.Random = field(default_factory=random.Random)
     jitter: random.Random = field(default_factory=random.Random)
     ids: random.Random = field(default_factory=random.Random)
+    closing: asyncio.Event | None = None  # set when the server stops: hung requests end
 
     def __post_init__(self) -> None:
         self.reset()
@@ -748,6 +944,8 @@ class _State:
         self.by_model = {}
         self.seen = {}
         self.seen_finish = {}
+        self.seen_fault = {}
+        self.faults_by_kind = {}
         self.stored = {}
         self.window = _Window(cfg.rpm, cfg.tpm) if cfg.rpm or cfg.tpm else None
         self.faults = random.Random(cfg.seed)
@@ -759,6 +957,7 @@ class _State:
             by_status=dict(self.by_status),
             by_model=dict(self.by_model),
             completions=self.completions,
+            faults=dict(self.faults_by_kind),
         )
 
 
@@ -771,6 +970,7 @@ class _Provider:
     def __init__(self, state: _State) -> None:
         self.state = state
         self.config = state.config
+        self.model_faults = state.config.model_faults
         auth = state.config.api_key
         self.auth = None if auth is None else f"Bearer {auth}"
 
@@ -822,6 +1022,8 @@ class _Provider:
             await self._delay()
         except _Fail as fail:
             return self._fail_response(fail, started)
+        except _Drop as drop:
+            return await self._drop(request, drop.kind)
         answer = self._new_answer(chat)
         completion = _completion(answer, plan, self.config) if chat.store or not chat.stream else {}
         if plan.finish_error and not chat.stream:
@@ -829,12 +1031,55 @@ class _Provider:
                 choice["finish_reason"] = "error"
         if chat.store:
             self._store(chat, completion)
+        if plan.truncated:
+            return await self._truncated(request, chat, plan, answer, completion, started)
         if chat.stream:
             return await self._stream(request, chat, plan, answer, started)
         body = orjson.dumps(completion)
         self._count(200)
         self.state.completions += 1
         return web.Response(body=body, headers=self._headers(started), content_type=_JSON)
+
+    async def _drop(self, request: web.BaseRequest, kind: str) -> web.StreamResponse:
+        """``hang``: wait until the client gives up (the handler is cancelled then) or the
+        server stops; ``reset``: abort at once. Either way no byte of an answer is sent."""
+        if kind == "hang":
+            closing = self.state.closing
+            if closing is not None:
+                await closing.wait()
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        return web.Response()  # never sent: aiohttp sees the closed transport and drops it
+
+    async def _truncated(
+        self,
+        request: web.BaseRequest,
+        chat: _Chat,
+        plan: _Plan,
+        answer: _Answer,
+        completion: dict[str, Any],
+        started: float,
+    ) -> web.StreamResponse:
+        """Headers promising the whole answer, half of its bytes, then the connection closes."""
+        response = web.StreamResponse(headers=self._headers(started))
+        if chat.stream:
+            events = list(_sse_events(answer, plan, self.config, chat.include_usage))
+            events.append(b"data: [DONE]\n\n")
+            body = b"".join(events[: max(1, len(events) // 2)])
+            response.content_type = "text/event-stream"  # chunked: the end chunk never comes
+        else:
+            whole = orjson.dumps(completion)
+            body = whole[: len(whole) // 2]
+            response.content_type = _JSON
+            response.content_length = len(whole)
+        with contextlib.suppress(ConnectionError):
+            await response.prepare(request)
+            await response.write(body)
+        transport = request.transport
+        if transport is not None:
+            transport.close()  # FIN after the bytes sent: the body is cut short, not reset
+        return response
 
     async def _admit(self, request: web.BaseRequest) -> tuple[_Chat, _Plan]:
         """Run every check in the documented order; raise :class:`_Fail` to refuse."""
@@ -844,8 +1089,9 @@ class _Provider:
         raw = await _read_body(request)
         chat = _parse_chat(raw)
         state.by_model[chat.model] = state.by_model.get(chat.model, 0) + 1
+        fault = self.model_faults.get(chat.model) if self.model_faults else None
         models = self.config.models
-        if models is not None and chat.model not in models:
+        if models is not None and chat.model not in models and fault is None:
             raise _not_found(
                 f"The model `{chat.model}` does not exist or you do not have access to it.",
                 "model_not_found",
@@ -855,6 +1101,8 @@ class _Provider:
             state.window.admit(time.monotonic(), plan.rate_tokens, chat.model)
         if self.config.fail_first:
             self._fail_first(raw, chat)
+        if fault is not None:
+            self._model_fault(fault, raw, chat, plan)
         if self.config.finish_error_first:
             key = hashlib.blake2b(raw, digest_size=16).digest()
             seen = state.seen_finish.get(key, 0)
@@ -871,6 +1119,35 @@ class _Provider:
         if seen < self.config.fail_first:
             self.state.seen[key] = seen + 1
             raise self._injected(self.config.fail_status, chat)
+
+    def _model_fault(self, fault: ModelFaults, raw: bytes, chat: _Chat, plan: _Plan) -> None:
+        """Apply the model's fault, if this sighting of the body gets it: raise, or mark the plan."""
+        state = self.state
+        if fault.match is not None and fault.match.encode() not in raw:
+            return
+        if fault.first:
+            key = hashlib.blake2b(raw, digest_size=16).digest()
+            seen = state.seen_fault.get(key, 0)
+            if seen >= fault.first:
+                return
+            state.seen_fault[key] = seen + 1
+        kind = fault.kind
+        state.faults_by_kind[kind] = state.faults_by_kind.get(kind, 0) + 1
+        if kind in ("hang", "reset"):
+            raise _Drop(kind)
+        if kind == "truncated":
+            plan.truncated = True
+        elif kind == "content_filter_finish":
+            for choice in plan.choices:
+                choice.finish_reason = "content_filter"
+                choice.content = choice.tool_name = choice.arguments = None
+        elif kind == "finish_error":
+            for choice in plan.choices:
+                choice.finish_reason = "error"
+        elif kind == "invalid_json":
+            raise self._injected(0, chat)
+        else:
+            raise _fault_fail(fault, chat.model)
 
     def _random_fault(self, chat: _Chat) -> None:
         cfg = self.config
@@ -929,10 +1206,8 @@ class _Provider:
         self.state.completions += 1
         with contextlib.suppress(ConnectionError):
             await response.prepare(request)
-            for event in _sse_events(answer, plan, self.config, chat.include_usage):
-                await response.write(event)
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
+            # chunk size, pacing and mid-stream faults: pipeline/mock/stream_faults.py
+            await stream_faults.send(request, response, chat, plan, answer, self.config)
         return response
 
     # ---------------------------------------------------------------- stored completions
@@ -1016,6 +1291,153 @@ _SERVER_ERRORS = {
 }
 
 
+_QUOTA = _error_body(
+    "You exceeded your current quota, please check your plan and billing details. For more "
+    "information on this error, read the docs: "
+    "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+    "insufficient_quota",
+    None,
+    "insufficient_quota",
+)
+_NO_CREDITS = orjson.dumps(
+    {
+        "error": {
+            "code": 402,
+            "message": "Insufficient credits. Add more using https://openrouter.ai/settings/credits",
+        }
+    }
+)
+_CONTENT_FILTER = orjson.dumps(
+    {
+        "error": {
+            "code": "content_filter",
+            "message": (
+                "The response was filtered due to the prompt triggering Azure OpenAI's content "
+                "management policy. Please modify your prompt and retry. To learn more about our "
+                "content filtering policies please read our documentation: "
+                "https://go.microsoft.com/fwlink/?linkid=2198766"
+            ),
+            "param": "prompt",
+            "type": None,
+            "status": 400,
+            "innererror": {
+                "code": "ResponsibleAIPolicyViolation",
+                "content_filter_result": {
+                    "hate": {"filtered": False, "severity": "safe"},
+                    "self_harm": {"filtered": False, "severity": "safe"},
+                    "sexual": {"filtered": False, "severity": "safe"},
+                    "violence": {"filtered": True, "severity": "medium"},
+                },
+            },
+        }
+    }
+)
+_STATUS_ERRORS: dict[int, tuple[str, str, str | None, str | None]] = {
+    # status: (message, type, param, code), as OpenAI-compatible providers send them
+    400: (
+        "Invalid type for 'temperature': expected a decimal, but got a string instead.",
+        "invalid_request_error",
+        "temperature",
+        "invalid_type",
+    ),
+    403: ("Country, region, or territory not supported", "request_forbidden", None,
+          "unsupported_country_region_territory"),
+    408: ("Request timed out.", "timeout", None, None),
+    409: ("Conflict: another request with the same idempotency key is being processed.",
+          "invalid_request_error", None, "conflict"),
+    413: ("Request entity too large: the body exceeds the maximum allowed size.",
+          "invalid_request_error", None, "request_too_large"),
+    422: ("Unprocessable entity: 'messages[0].content' must be a string or an array of parts.",
+          "invalid_request_error", "messages", "invalid_value"),
+    500: ("The server had an error while processing your request. Sorry about that!",
+          "server_error", None, None),
+    502: ("Bad gateway.", "server_error", None, None),
+    503: ("The server is overloaded or not ready yet.", "server_error", None, None),
+    504: ("Gateway timeout: the upstream server did not answer in time.", "server_error", None, None),
+    520: ("Web server returned an unknown error (Cloudflare 520).", "server_error", None, None),
+    521: ("Web server is down (Cloudflare 521).", "server_error", None, None),
+    522: ("Connection timed out (Cloudflare 522).", "server_error", None, None),
+    523: ("Origin is unreachable (Cloudflare 523).", "server_error", None, None),
+    524: ("A timeout occurred (Cloudflare 524).", "server_error", None, None),
+    529: ("Overloaded", "overloaded_error", None, None),
+}  # fmt: skip
+
+
+def _status_body(status: int, model: str) -> bytes:
+    if status == 401:
+        return _UNAUTHORIZED
+    if status == 402:
+        return _NO_CREDITS
+    if status == 404:
+        message = f"The model `{model}` does not exist or you do not have access to it."
+        return _error_body(message, "invalid_request_error", None, "model_not_found")
+    known = _STATUS_ERRORS.get(status)
+    return _generic_error(status) if known is None else _error_body(*known)
+
+
+def _html_error(status: int) -> bytes:
+    """The HTML page a CDN (Cloudflare) in front of a provider sends for a 5xx."""
+    title = f"{status} {_HTML_TITLES.get(status, 'Server Error')}"
+    return (
+        f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{title}</h1></center>\r\n<hr><center>cloudflare</center>\r\n"
+        "</body>\r\n</html>\r\n"
+    ).encode()
+
+
+_HTML_TITLES = {
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Temporarily Unavailable",
+    504: "Gateway Time-out",
+    520: "Web server is returning an unknown error",
+    521: "Web server is down",
+    522: "Connection timed out",
+    523: "Origin is unreachable",
+    524: "A timeout occurred",
+}
+
+
+def _fault_fail(fault: ModelFaults, model: str) -> _Fail:
+    """The error answer of a status-like fault."""
+    kind, status = fault.kind, fault.http_status
+    if kind == "insufficient_quota":
+        return _Fail(402, _NO_CREDITS) if status == 402 else _Fail(429, _QUOTA)
+    if kind == "context_length":
+        message = (
+            "This model's maximum context length is 128000 tokens. However, your messages "
+            "resulted in 130000 tokens. Please reduce the length of the messages."
+        )
+        return _Fail(
+            400, _error_body(message, "invalid_request_error", "messages", "context_length_exceeded")
+        )
+    if kind == "content_filter_400":
+        return _Fail(400, _CONTENT_FILTER)
+    if status == 429:
+        wait = fault.retry_after_s
+        message = (
+            f"Rate limit reached for {model} in organization org-mock on requests per min (RPM): "
+            f"Limit 500, Used 500, Requested 1. Please try again in {_duration(wait)}."
+        )
+        body = _error_body(message, "requests", None, "rate_limit_exceeded")
+        return _Fail(429, body, _retry_after_headers(wait, fault.retry_after))
+    if fault.html:
+        return _Fail(status, _html_error(status), None, "text/html")
+    return _Fail(status, _status_body(status, model))
+
+
+def _retry_after_headers(wait_s: float, how: str) -> dict[str, str]:
+    if how == "both":
+        return _retry_headers(wait_s)
+    if how == "seconds":
+        return {"retry-after": str(max(0, math.ceil(wait_s)))}
+    if how == "date":  # whole seconds: the first second boundary at least wait_s away
+        return {"retry-after": email.utils.formatdate(math.ceil(time.time() + wait_s), usegmt=True)}
+    if how == "ms":
+        return {"retry-after-ms": str(max(0, math.ceil(wait_s * 1000)))}
+    return {}
+
+
 def _generic_error(status: int) -> bytes:
     kind = "server_error" if status >= 500 else "invalid_request_error"
     return _error_body(f"Injected failure (HTTP {status}).", kind, None, None)
@@ -1090,8 +1512,16 @@ async def _serve(
 ) -> None:
     """Listen, report the port, wait for ``until()`` to finish, then close everything."""
     config = state.config
-    server = web.Server(_Provider(state), request_factory=_request_factory(), access_log=None)
+    # handler_cancellation: a client that gives up (closes the connection) cancels its
+    # handler, so a hung request does not outlive its client.
+    server = web.Server(
+        _Provider(state),
+        request_factory=_request_factory(),
+        access_log=None,
+        handler_cancellation=True,
+    )
     runner = web.ServerRunner(server, shutdown_timeout=1.0)
+    state.closing = asyncio.Event()
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
@@ -1100,6 +1530,7 @@ async def _serve(
             ready(int(runner.addresses[0][1]))
         await until()
     finally:
+        state.closing.set()  # hung requests end (their connections are aborted)
         await runner.cleanup()
 
 

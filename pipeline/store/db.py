@@ -334,6 +334,8 @@ class Store:
             c.c.refusal,
             c.c.tool_calls,
             c.c.raw,
+            c.c.parsed,
+            c.c.choices_json,
         ]
         joined = r.outerjoin(
             a,
@@ -421,6 +423,11 @@ def _attempt_row(run_id: str, custom_id: str, a: Attempt) -> dict[str, Any]:
         "cost_note": a.cost_note,
         "reported_cost_picousd": rc,
         "upstream_cost_picousd": up,
+        "stream": a.stream,
+        "ttft_ms": a.ttft_ms,
+        "ttlt_ms": a.ttlt_ms,
+        "output_tokens_per_s": a.output_tokens_per_s,
+        "partial": a.partial,
     }
 
 
@@ -443,19 +450,10 @@ def _completion_row(run_id: str, custom_id: str, a: Attempt) -> dict[str, Any]:
         "tool_calls": None if first.tool_calls is None else orjson.dumps(first.tool_calls).decode(),
         "choices_json": None
         if len(c.choices) < 2
-        else orjson.dumps([_choice_dict(ch) for ch in c.choices]).decode(),
+        else orjson.dumps([ch.to_dict() for ch in c.choices]).decode(),
         "raw": c.raw.decode("utf-8", "replace"),
-    }
-
-
-def _choice_dict(ch: Any) -> dict[str, Any]:
-    return {
-        "index": ch.index,
-        "finish_reason": ch.finish_reason,
-        "content": ch.content,
-        "reasoning": ch.reasoning,
-        "refusal": ch.refusal,
-        "tool_calls": ch.tool_calls,
+        "parsed": a.parsed,
+        "validation_error": a.validation_error,
     }
 
 
