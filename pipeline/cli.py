@@ -351,6 +351,9 @@ sightings of each distinct request body, so a retry succeeds; no :N = always):
   reset            close the connection without a response
   truncated        send half the body under a Content-Length for all of it
   invalid_json     200 whose body is not JSON
+  schema_violation 200 whose content matches no structured-output schema
+  refusal          200 with content null and a refusal
+  reasoning_exhausted  200, finish_reason "length", empty content, all tokens reasoning
 
 \b
 Example: pipeline mock-server --fault mock-small=503:2 --fault gpt-4o=hang""",

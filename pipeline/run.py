@@ -306,6 +306,7 @@ def _request_row(row: Row) -> dict[str, Any]:
         "record": None if row.record is None else orjson.dumps(row.record, default=str).decode(),
         "state": "pending",
         "attempts": 0,
+        "error": None,  # every row of one executemany needs the same keys
     }
 
 

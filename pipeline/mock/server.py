@@ -129,6 +129,9 @@ FAULT_KINDS: tuple[str, ...] = (
     "reset",
     "truncated",
     "invalid_json",
+    "schema_violation",
+    "refusal",
+    "reasoning_exhausted",
 )
 """The kinds of :class:`ModelFaults`."""
 
@@ -167,6 +170,11 @@ class ModelFaults:
     * ``reset``: the TCP connection is aborted without any response.
     * ``truncated``: the answer's headers announce the full ``Content-Length`` (a streamed
       answer: chunked), half the body is sent, then the connection is closed.
+    * ``schema_violation``: a 200 whose content is JSON that matches no structured-output
+      schema (``{"mock_unexpected": true}``), usage included.
+    * ``refusal``: a 200 whose message has ``content: null`` and a ``refusal`` text.
+    * ``reasoning_exhausted``: a 200 with ``finish_reason: "length"``, empty content, and every
+      completion token spent on reasoning (a reasoning model that ran out of ``max_tokens``).
     * ``invalid_json``: a 200 whose body is not JSON (an SSE stream with a broken event when
       streamed).
 
@@ -228,6 +236,9 @@ _FAULT_DEFAULT_STATUS = {
     "bad_request": 400,
     "content_filter_finish": 200,
     "finish_error": 200,
+    "schema_violation": 200,
+    "refusal": 200,
+    "reasoning_exhausted": 200,
     "truncated": 200,
     "invalid_json": 200,
 }
@@ -578,6 +589,7 @@ class _Choice:
     finish_reason: str
     completion_tokens: int
     reasoning_tokens: int
+    refusal: str | None = None
 
 
 @dataclass(slots=True)
@@ -734,7 +746,7 @@ def _message(choice: _Choice, call_id: str) -> dict[str, Any]:
     if choice.tool_name is not None:
         function = {"name": choice.tool_name, "arguments": choice.arguments}
         message["tool_calls"] = [{"id": call_id, "type": "function", "function": function}]
-    message["refusal"] = None
+    message["refusal"] = choice.refusal
     message["annotations"] = []
     if choice.reasoning is not None:
         message["reasoning"] = choice.reasoning
@@ -1144,6 +1156,22 @@ class _Provider:
         elif kind == "finish_error":
             for choice in plan.choices:
                 choice.finish_reason = "error"
+        elif kind == "schema_violation":
+            for choice in plan.choices:
+                choice.content = '{"mock_unexpected": true}'
+                choice.tool_name = choice.arguments = None
+        elif kind == "refusal":
+            for choice in plan.choices:
+                choice.content = choice.tool_name = choice.arguments = None
+                choice.refusal = "I'm sorry, but I can't help with that request."
+                choice.finish_reason = "stop"
+        elif kind == "reasoning_exhausted":
+            for choice in plan.choices:
+                choice.content = ""
+                choice.tool_name = choice.arguments = None
+                choice.finish_reason = "length"
+                choice.reasoning_tokens = choice.completion_tokens
+            plan.reasoning_tokens = plan.completion_tokens
         elif kind == "invalid_json":
             raise self._injected(0, chat)
         else:
