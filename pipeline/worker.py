@@ -39,6 +39,13 @@ class _OverBudget(Exception):
     """The budget cannot cover this attempt's worst case."""
 
 
+class _Resting:
+    """_on_route's answer when the route's breaker opened during the retries."""
+
+
+_RESTING = _Resting()
+
+
 class _EndpointStopped(Exception):
     """The endpoint was stopped (bad key, no credit) while this request waited for a slot."""
 
@@ -158,6 +165,9 @@ class Worker:
                     if action is None:
                         return self._outcome(walk, "succeeded")
                     last_error = message
+                    if action is _RESTING:
+                        blocked.append(route)
+                        continue
                     if action is Action.FAIL:
                         return self._outcome(walk, "failed", message)
                     # RETRY with retries spent, FALLBACK, STOP_ENDPOINT: on to the next route
@@ -215,7 +225,7 @@ class Worker:
             prior_attempts=t.prior_attempts,
         )
 
-    async def _on_route(self, route: Route, walk: _Walk) -> tuple[Action | None, str | None]:
+    async def _on_route(self, route: Route, walk: _Walk) -> tuple[Action | _Resting | None, str | None]:
         """Attempts on one route. (None, None) on success, else (the final action, message)."""
         start = len(walk.attempts)
 
@@ -264,6 +274,8 @@ class Worker:
                 route.endpoint.stopped = f"endpoint {route.endpoint.name} ({route.base_url}): {exc.message}"
                 route.endpoint.rule = verdict.rule
             if verdict.action is Action.RETRY:
+                if route.breaker.state == "open":  # the route is resting: come back after it
+                    return _RESTING, exc.message
                 walk.attempts[-1].outcome = "retries_spent"
                 if verdict.rule in ("invalid_output", "reasoning_exhausted"):
                     return Action.FAIL, exc.message  # the model's answers, not the route, failed

@@ -15,7 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, bindparam, case, event, func, insert, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    DateTime,
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    case,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -255,12 +270,17 @@ class Store:
             )
             .values(
                 state=bindparam("b_state"),
-                attempts=request.c.attempts + bindparam("b_n"),
-                final_attempt_no=func.coalesce(bindparam("b_final"), request.c.final_attempt_no),
-                error=bindparam("b_error"),
-                cost_picousd=_add_nullable(request.c.cost_picousd, bindparam("b_cost")),
-                reported_cost_picousd=_add_nullable(request.c.reported_cost_picousd, bindparam("b_reported")),
-                finished_at=bindparam("b_finished"),
+                # typed, so PostgreSQL knows what "$5 IS NULL" compares
+                attempts=request.c.attempts + bindparam("b_n", type_=Integer),
+                final_attempt_no=func.coalesce(
+                    bindparam("b_final", type_=Integer), request.c.final_attempt_no
+                ),
+                error=bindparam("b_error", type_=Text),
+                cost_picousd=_add_nullable(request.c.cost_picousd, bindparam("b_cost", type_=BigInteger)),
+                reported_cost_picousd=_add_nullable(
+                    request.c.reported_cost_picousd, bindparam("b_reported", type_=BigInteger)
+                ),
+                finished_at=bindparam("b_finished", type_=DateTime),
             )
         )
         async with self._conn() as conn:

@@ -1,0 +1,366 @@
+"""The recorder's commit throughput in isolation: how many finished requests a second it stores.
+
+A temp SQLite store (``pipeline.store.Store.open``, migrated, WAL) gets one run with N requests
+loaded the way ``pipeline run`` loads them (``Store.load_requests``); then N synthetic
+``Outcome`` objects of realistic size (one successful attempt each, with a completion whose raw
+body is a 630-byte ``chat.completion`` like the mock server's, and its usage) are pushed as fast
+as possible through ``pipeline.recorder.Recorder.run`` over an anyio memory stream (buffer 128,
+as a 64-worker run has). The outcomes are built before the clock starts. Three variants:
+
+* ``outcomes``: SQLite only (no Parquet part writer);
+* ``+ parts``: with the Parquet part writer of a real run (a part file every 10,000 rows);
+* ``+ parts + claims/64``: a ``Claim`` of the next 64 ids before every 64 outcomes, as the
+  real feeder does at 64 concurrent (write-ahead: one commit per page).
+
+Printed: outcomes/s, commits (outcome batches, and claims apart), ms per commit (time inside
+``Store.record_outcomes`` / ``Store.claim``), CPU ms per outcome of the process (aiosqlite's
+thread included). The target is 10x the request rate of ``bench/throughput.py`` scenario 1; pass
+that rate as ``--vs-rps`` to have the ratio printed.
+
+    python bench/recorder.py                 # 20,000 outcomes per variant, about 30 s
+    python bench/recorder.py --short         # 2,000, a few seconds
+    python bench/recorder.py --vs-rps 700    # also print the ratio to the pipeline's rate
+
+Figures are printed, never asserted; the exit status is non-zero only if the harness is broken
+(a variant did not record every outcome).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import anyio
+import orjson
+
+from pipeline.outputs import PartWriter
+from pipeline.progress import Counters
+from pipeline.recorder import Claim, Recorder
+from pipeline.records import Attempt, Choice, Completion, Outcome, Usage
+from pipeline.store.db import Store, utcnow
+
+RUN_ID: Final = "bench"
+PAGE: Final = 64  # the feeder's page at 64 concurrent: max(50, min(1000, workers))
+STREAM_BUFFER: Final = 128  # run.py: n_workers * 2
+LOAD_BATCH: Final = 1000  # run.py: SUBMIT_BATCH
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    parts: bool
+    claims: bool
+
+
+VARIANTS: Final = (
+    Variant("outcomes", parts=False, claims=False),
+    Variant("+ parts", parts=True, claims=False),
+    Variant(f"+ parts + claims/{PAGE}", parts=True, claims=True),
+)
+
+
+@dataclass
+class Timed:
+    calls: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ms_per_call(self) -> float | None:
+        return self.seconds * 1000.0 / self.calls if self.calls else None
+
+
+@dataclass
+class Result:
+    variant: Variant
+    n: int
+    recorded: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    load_s: float = 0.0
+    db_rows: int = 0
+    commits: Timed | None = None
+    claims: Timed | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.recorded / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+def custom_id(i: int) -> str:
+    return f"r{i:07d}"
+
+
+def body(i: int) -> dict[str, Any]:
+    text = f"Summarise this support ticket in one sentence: my order arrived late, box damaged. #{i}"
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": 16}
+
+
+def request_rows(n: int) -> list[list[dict[str, Any]]]:
+    """Batches of request rows as ``pipeline.run._request_row`` makes them."""
+    rows = []
+    for i in range(n):
+        raw = orjson.dumps(body(i))
+        rows.append(
+            {
+                "custom_id": custom_id(i),
+                "seq": i,
+                "body_sha256": f"{i:064x}",
+                "body": raw.decode(),
+                "record": None,
+                "state": "pending",
+                "attempts": 0,
+            }
+        )
+    return [rows[k : k + LOAD_BATCH] for k in range(0, n, LOAD_BATCH)]
+
+
+def outcome(i: int) -> Outcome:
+    """One succeeded request, sized like a mock-small answer (raw body ~630 bytes)."""
+    content = f"Mock answer {i:08x}: Batch pipelines love predictable answers l"
+    usage_api = {
+        "prompt_tokens": 24,
+        "completion_tokens": 16,
+        "total_tokens": 40,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+    response_id = f"chatcmpl-{i:024x}"
+    raw = orjson.dumps(
+        {
+            "id": response_id,
+            "object": "chat.completion",
+            "created": 1795437025,
+            "model": "mock-small",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": None, "annotations": []},
+                    "logprobs": None,
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": usage_api,
+            "service_tier": "default",
+            "system_fingerprint": "fp_mock",
+        }
+    )
+    usage = Usage.from_api(usage_api)
+    request_id = f"req_{i:032x}"
+    completion = Completion(
+        response_id=response_id,
+        model="mock-small",
+        provider=None,
+        system_fingerprint="fp_mock",
+        created=1795437025,
+        choices=(Choice(index=0, finish_reason="length", content=content, refusal=None),),
+        usage=usage,
+        raw=raw,
+        provider_request_id=request_id,
+    )
+    started = utcnow() - timedelta(milliseconds=20)
+    attempt = Attempt(
+        attempt_no=1,
+        endpoint="default",
+        base_url="http://127.0.0.1:8000/v1",
+        model="mock-small",
+        started_at=started,
+        latency_ms=12.5,
+        http_status=200,
+        outcome="success",
+        provider_request_id=request_id,
+        completion=completion,
+        usage=usage,
+        cost_picousd=13_200_000,
+        cost_source="spec",
+    )
+    return Outcome(seq=i, custom_id=custom_id(i), state="succeeded", attempts=[attempt])
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def timed(fn: Callable[..., Awaitable[T]], into: Timed) -> Callable[..., Awaitable[T]]:
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        t0 = time.perf_counter()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            into.seconds += time.perf_counter() - t0
+            into.calls += 1
+
+    return wrapper
+
+
+async def measure(variant: Variant, n: int, folder: Path) -> Result:
+    result = Result(variant, n)
+    db = folder / "r.db"
+    store = await Store.open(f"sqlite+aiosqlite:///{db}")
+    try:
+        await store.create_run(
+            run_id=RUN_ID,
+            job="bench",
+            spec_json="{}",
+            input_path="bench",
+            input_sha256="0" * 64,
+            state="running",
+        )
+        batches = request_rows(n)
+
+        async def load() -> AsyncIterator[list[dict[str, Any]]]:
+            for b in batches:
+                yield b
+
+        t0 = time.perf_counter()
+        await store.load_requests(RUN_ID, load())
+        result.load_s = time.perf_counter() - t0
+
+        outcomes = [outcome(i) for i in range(n)]
+        commits, claims = Timed(), Timed()
+        store.record_outcomes = timed(store.record_outcomes, commits)  # type: ignore[method-assign]
+        store.claim = timed(store.claim, claims)  # type: ignore[method-assign]
+        parts = PartWriter(folder / "parts") if variant.parts else None
+        recorder = Recorder(store, RUN_ID, parts=parts, counters=Counters(total=n))
+        send, receive = anyio.create_memory_object_stream[Outcome | Claim](STREAM_BUFFER)
+
+        async def produce() -> None:
+            async with send:
+                waits: list[Claim] = []
+                for k in range(0, n, PAGE):
+                    page = outcomes[k : k + PAGE]
+                    if variant.claims:
+                        claim = Claim([o.custom_id for o in page])
+                        waits.append(claim)
+                        await send.send(claim)
+                    for o in page:
+                        await send.send(o)
+                for claim in waits:
+                    await claim.done.wait()
+
+        gc.collect()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            tg.start_soon(recorder.run, receive)
+        result.wall_s = time.perf_counter() - t0
+        result.cpu_s = time.process_time() - cpu0
+        result.recorded = recorder.recorded
+        result.commits, result.claims = commits, claims
+    finally:
+        await store.close()
+    with sqlite3.connect(db) as conn:
+        (result.db_rows,) = conn.execute(
+            "SELECT COUNT(*) FROM request r JOIN completion c USING (run_id, custom_id) "
+            "WHERE r.state = 'succeeded'"
+        ).fetchone()
+    return result
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def render(header: Sequence[str], rows: Sequence[Sequence[str]], left: set[int]) -> str:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = (
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def table(results: Sequence[Result], vs_rps: float | None) -> str:
+    header = (
+        "variant",
+        "outcomes",
+        "outcomes/s",
+        "commits",
+        "outcomes/commit",
+        "ms/commit",
+        "claims",
+        "ms/claim",
+        "CPU ms/outcome",
+        f"vs {vs_rps:,.0f} req/s" if vs_rps else "vs pipeline",
+    )
+    rows = []
+    for r in results:
+        c, k = r.commits or Timed(), r.claims or Timed()
+        rows.append(
+            (
+                r.variant.name,
+                f"{r.recorded:,}/{r.n:,}",
+                f"{r.rate:,.0f}",
+                f"{c.calls:,}",
+                f"{r.recorded / c.calls:,.0f}" if c.calls else "-",
+                f"{c.ms_per_call:.1f}" if c.ms_per_call is not None else "-",
+                f"{k.calls:,}",
+                f"{k.ms_per_call:.1f}" if k.ms_per_call is not None else "-",
+                f"{r.cpu_s * 1000.0 / r.recorded:.3f}" if r.recorded else "-",
+                f"{r.rate / vs_rps:.1f}x" if vs_rps else "(--vs-rps)",
+            )
+        )
+    return render(header, rows, left={0})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--short", action="store_true", help="2,000 outcomes per variant, a few seconds")
+    parser.add_argument("-n", type=int, default=None, help="outcomes per variant (default 20,000)")
+    parser.add_argument(
+        "--vs-rps",
+        type=float,
+        default=None,
+        help="bench/throughput.py scenario 1's pipeline req/s: prints the ratio (target >= 10x)",
+    )
+    args = parser.parse_args(argv)
+    n = args.n or (2_000 if args.short else 20_000)
+    load = f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    print(
+        f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}; {os.cpu_count()} cores; {load}"
+    )
+    results = []
+    for variant in VARIANTS:
+        with tempfile.TemporaryDirectory(prefix="bench-recorder-") as tmp:
+            r = asyncio.run(measure(variant, n, Path(tmp)))
+        results.append(r)
+        print(
+            f"  {variant.name:<22} {r.rate:>9,.0f} outcomes/s  {r.wall_s:5.1f} s (load {r.load_s:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(table(results, args.vs_rps))
+    print(
+        "commits = Store.record_outcomes calls (one transaction each); claims = Store.claim calls "
+        f"(one transaction per page of {PAGE}); no commit per request when outcomes/commit > 1"
+    )
+    broken = [r.variant.name for r in results if r.recorded != n or r.db_rows != n]
+    if broken:
+        print(f"harness broken: not every outcome was recorded in {broken}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
