@@ -82,16 +82,30 @@ def test_run_status_report_and_export_work_on_postgresql(
     """The whole flow with --db postgresql+asyncpg://...: run, resume, status, report, export."""
     server = mock_server(fail_first=1, fail_status=500)
     write_jsonl(workdir / "in.jsonl", plain_rows(30))
-    args = ["run", "--input", "in.jsonl", "--base-url", server.base_url, "--model", "mock-small"]
-    args += ["--db", pg_url, "--out", "out", "-q"]
-    spec = workdir / "prices.toml"
-    spec.write_text("[retry]\nbackoff_base_s = 0.01\n[prices.mock-small]\ninput = 0.15\noutput = 0.6\n")
-    r = cli(*args, "--job", "pg", str(spec)) if False else cli(*args)
+    spec = workdir / "in.toml"
+    spec.write_text(
+        f"""model = "mock-small"
+[input]
+path = "in.jsonl"
+[endpoints.default]
+base_url = "{server.base_url}"
+[retry]
+backoff_base_s = 0.01
+[breaker]
+enabled = false
+[prices.mock-small]
+input = 0.15
+output = 0.6
+"""
+    )
+    args = ["run", str(spec), "--db", pg_url, "--out", "out", "-q"]
+    r = cli(*args)
     assert r.exit_code == 0, r.stderr
     again = cli(*args)
     assert again.exit_code == 0 and server.stats().completions == 30
     status = orjson.loads(cli("status", "--db", pg_url, "--json").stdout)
     assert status["counts"]["succeeded"] == 30 and status["attempts"] == 60
+    assert status["cost_usd"] is not None
     report = orjson.loads(cli("report", "--db", pg_url, "--by", "route", "--format", "json").stdout)
     assert [(x["model"], x["attempts"], x["failed_attempts"]) for x in report] == [("mock-small", 60, 30)]
     assert cli("export", "in", "--db", pg_url, "-o", "x.jsonl").exit_code == 0
