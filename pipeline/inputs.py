@@ -133,7 +133,8 @@ class RowSource:
         import pyarrow.parquet as pq
 
         try:
-            pf = pq.ParquetFile(self.spec.path)
+            # No read-ahead of whole row groups: memory stays flat on inputs larger than RAM.
+            pf = pq.ParquetFile(self.spec.path, pre_buffer=False, buffer_size=1 << 20)
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...: all mean "not Parquet"
             raise InputError(self.path, "file", None, f"not a readable Parquet file: {exc}") from None
         seq = 0

@@ -228,14 +228,18 @@ class RouteLimiter:
                 self._learn_rpm(granted)
 
     @asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[Permit]:
+    async def slot(self, tokens: int | Callable[[], int]) -> AsyncIterator[Permit]:
+        """A slot to send one request. ``tokens`` (or a function giving them, called only
+        when the route limits tokens) is reserved against the TPM bucket."""
         async with self.capacity:
             wait = self._cooldown_until - self._clock()
             if wait > 0:
                 await self._sleep(wait)
             if self.rpm is not None:
                 await self.rpm.acquire(1)
-            grant = await self.tpm.acquire(tokens) if self.tpm is not None else None
+            grant = None
+            if self.tpm is not None:
+                grant = await self.tpm.acquire(tokens() if callable(tokens) else tokens)
             self._recent.append(self._clock())
             self._granted_last_minute()
             yield Permit(self, grant)

@@ -49,6 +49,7 @@ class PriceBook:
         self._overrides = dict(overrides or {})
         self._unknown: set[tuple[str | None, str]] = set()
         self._windows: dict[tuple[str | None, str], int | None] = {}
+        self._memo: dict[tuple[object, ...], Cost] = {}
 
     def context_window(self, model: str, *, provider: str | None) -> int | None:
         """The model's context window from the catalogue (it bounds the output), if known."""
@@ -76,6 +77,11 @@ class PriceBook:
         key = (provider, model)
         if key in self._unknown:
             return Cost(None, None, f"no price known for {model!r}")
+        # The catalogue costs ~80 us a call; the same usage in the same minute is priced once.
+        memo_key = (provider, model, at.replace(second=0, microsecond=0), *_usage_key(usage))
+        memo = self._memo.get(memo_key)
+        if memo is not None:
+            return memo
         try:
             total = catalogue_cost(model, usage, provider=provider, at=at)
         except LookupError:
@@ -87,7 +93,15 @@ class PriceBook:
                 model,
             )
             return Cost(None, None, f"no price known for {model!r}")
-        return Cost(picousd(total), "catalogue")
+        cost = Cost(picousd(total), "catalogue")
+        if len(self._memo) >= 50_000:
+            self._memo.clear()
+        self._memo[memo_key] = cost
+        return cost
+
+
+def _usage_key(u: Usage) -> tuple[int, ...]:
+    return (u.prompt, u.cached, u.cache_write, u.completion, u.audio_prompt, u.audio_completion)
 
 
 def spec_cost(p: ModelPrice, u: Usage) -> Decimal:

@@ -69,7 +69,6 @@ class Recorder:
                     continue
                 batch = [first]
                 ended = False
-                claim: Claim | None = None
                 with anyio.move_on_after(self.max_delay):
                     while len(batch) < self.batch_size:
                         try:
@@ -78,12 +77,13 @@ class Recorder:
                             ended = True
                             break
                         if isinstance(msg, Claim):
-                            claim = msg
-                            break
-                        batch.append(msg)
+                            # A claim never waits for the batch: the feeder is blocked on it.
+                            # Its requests cannot be in this batch (they are sent only once
+                            # the claim is committed), so the order of the two is free.
+                            await self.claim(msg)
+                        else:
+                            batch.append(msg)
                 await self.commit(batch)
-                if claim is not None:
-                    await self.claim(claim)
                 if ended:
                     break
         if self.parts is not None:

@@ -13,6 +13,7 @@ walk each request's fallback chain; the *recorder* is the only writer.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -39,7 +40,7 @@ from pipeline.progress import Counters, Display
 from pipeline.recorder import Claim, Recorder
 from pipeline.records import Outcome
 from pipeline.spec import JobSpec, MockSpec, resolve_api_key
-from pipeline.store.db import Store, utcnow
+from pipeline.store.db import DuplicateRequestId, Store, utcnow
 from pipeline.transport import AiohttpTransport
 from pipeline.worker import EndpointState, Route, Task, Worker
 
@@ -134,7 +135,8 @@ async def execute(
         finished_before = [s for s in FINAL_STATES if s not in states]
         parts = PartWriter(out_dir / "parts", keep_columns=keep)
         parts.clear()
-        await _write_results(store, run_id, out_dir, keep, finished_before)
+        records = spec.template is not None or bool(spec.input.messages_column or spec.input.body_column)
+        await _write_results(store, run_id, out_dir, keep, finished_before, records)
 
         mock_url = await _start_mock(stack, spec)
         transport = transport or AiohttpTransport(
@@ -173,7 +175,7 @@ async def execute(
         await _dispatch(store, plan, worker, recorder, counters, display, handle_signals)
         interrupted = plan.interrupted
 
-        await _write_results(store, run_id, out_dir, keep, FINAL_STATES)
+        await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
         parts.clear()
         counts = await store.state_counts(run_id)
         totals = await store.usage_totals(run_id)
@@ -268,8 +270,13 @@ def _verdict(counts: Mapping[str, int], interrupted: bool, worker: Worker) -> tu
 
 
 async def _submit(store: Store, spec: JobSpec, run_id: str, source: RowSource) -> int:
-    """Validate every row and load the run's requests, all or nothing."""
-    seen: set[str] = set()
+    """Validate every row and load the run's requests, all or nothing.
+
+    A duplicate id is caught by the table's primary key (no set of every id in memory); the
+    row is then found and named. With ``on_bad_row = "skip"`` duplicates must be known row by
+    row, so a set of 16-byte digests of the ids is kept instead.
+    """
+    seen: set[bytes] | None = set() if spec.on_bad_row == "skip" else None
 
     def take(it: Iterator[Any]) -> list[Any]:
         return list(islice(it, SUBMIT_BATCH))
@@ -279,22 +286,41 @@ async def _submit(store: Store, spec: JobSpec, run_id: str, source: RowSource) -
         while chunk := await anyio.to_thread.run_sync(take, it):
             out = []
             for seq, pos, obj, item in chunk:
-                if isinstance(item, Row) and item.custom_id in seen:
-                    item = InputError(
-                        source.path, pos, "custom_id", f"duplicate custom_id {item.custom_id!r}"
-                    )
+                if isinstance(item, Row) and seen is not None:
+                    digest = hashlib.blake2b(item.custom_id.encode(), digest_size=16).digest()
+                    if digest in seen:
+                        item = _duplicate(source, pos, item.custom_id)
+                    else:
+                        seen.add(digest)
                 if isinstance(item, InputError):
                     if spec.on_bad_row == "stop":
                         raise item
                     out.append(_rejected_row(seq, obj, item))
                     continue
-                seen.add(item.custom_id)
                 out.append(_request_row(item))
             yield out
 
-    n = await store.load_requests(run_id, batches())
+    try:
+        n = await store.load_requests(run_id, batches())
+    except DuplicateRequestId:
+        raise await anyio.to_thread.run_sync(_find_duplicate, source) from None
     log.info("run %s: loaded %d requests from %s", run_id, n, spec.input.path)
     return n
+
+
+def _duplicate(source: RowSource, pos: str, custom_id: str) -> InputError:
+    return InputError(source.path, pos, "custom_id", f"duplicate custom_id {custom_id!r}")
+
+
+def _find_duplicate(source: RowSource) -> InputError:
+    """Name the first row whose id appeared before (only run when the database saw one)."""
+    seen: set[str] = set()
+    for _, pos, _, item in source.checked_rows():
+        if isinstance(item, Row):
+            if item.custom_id in seen:
+                return _duplicate(source, pos, item.custom_id)
+            seen.add(item.custom_id)
+    return InputError(source.path, "input", "custom_id", "a custom_id appears twice")
 
 
 def _request_row(row: Row) -> dict[str, Any]:
@@ -546,8 +572,10 @@ async def _write_results(
     out_dir: Path,
     keep: tuple[str, ...] | None,
     states: tuple[str, ...] | list[str],
+    records: bool,
 ) -> None:
-    """Rebuild results.parquet from the database (requests in ``states``)."""
+    """Rebuild results.parquet from the database (requests in ``states``). A first pass
+    settles the record columns' types, only when rows carry records."""
     path = out_dir / "results.parquet"
     sts = tuple(states)
     if not sts:
@@ -557,5 +585,5 @@ async def _write_results(
         store.iter_results(run_id, states=sts),
         path,
         keep_columns=keep,
-        typing_pages=store.iter_results(run_id, states=sts),
+        typing_pages=store.iter_results(run_id, states=sts) if records else None,
     )

@@ -86,10 +86,20 @@ class Task:
 class _Walk:
     task: Task
     attempts: list[Attempt] = field(default_factory=list)
-    prompt_tokens: int = 0
     max_output: int | None = None  # max_tokens x n, when the request sets it
     n: int = 1
-    tokens: int = 0
+    _prompt_tokens: int | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Counted on first use: only token limits and budgets need it (tiktoken costs ~50 us)."""
+        if self._prompt_tokens is None:
+            self._prompt_tokens = estimate_prompt_tokens(self.task.body)
+        return self._prompt_tokens
+
+    def tokens(self) -> int:
+        """The TPM reservation: the prompt plus the whole output allowance."""
+        return self.prompt_tokens + (self.max_output or DEFAULT_OUTPUT_RESERVE * self.n)
 
     @property
     def next_no(self) -> int:
@@ -142,8 +152,7 @@ class Worker:
         allowance = body.get("max_completion_tokens") or body.get("max_tokens")
         walk.n = int(body.get("n") or 1)
         walk.max_output = int(allowance) * walk.n if allowance else None
-        walk.prompt_tokens = estimate_prompt_tokens(body)
-        walk.tokens = walk.prompt_tokens + (walk.max_output or DEFAULT_OUTPUT_RESERVE * walk.n)
+
         last_error: str | None = None
         with anyio.move_on_after(self.retry.deadline_s) as deadline:
             todo = list(self.routes)
@@ -380,7 +389,6 @@ class Worker:
         bigger = min(self.policy.max_tokens_cap, int(value * self.policy.max_tokens_growth))
         walk.task = replace(walk.task, body={**walk.task.body, key: bigger})
         walk.max_output = bigger * walk.n
-        walk.tokens = walk.prompt_tokens + walk.max_output
         return True
 
     def _keep(self, route: Route, a: Attempt, completion: Completion) -> None:

@@ -31,7 +31,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from pipeline.errors import StorageError
@@ -39,7 +39,11 @@ from pipeline.pricing import picousd
 from pipeline.records import Attempt, Outcome
 from pipeline.store.schema import attempt, completion, request, run
 
-__all__ = ["Store", "migrations_dir", "utcnow"]
+__all__ = ["DuplicateRequestId", "Store", "migrations_dir", "utcnow"]
+
+
+class DuplicateRequestId(StorageError):
+    """Loading a run's requests met a custom_id twice (the caller finds and names the row)."""
 
 
 def utcnow() -> datetime:
@@ -176,14 +180,19 @@ class Store:
         If the iterator raises (a bad row), nothing is written: the transaction rolls back.
         """
         n = 0
-        async with self._conn() as conn:
-            async for batch in batches:
-                if batch:
-                    await conn.execute(insert(request), [dict(b, run_id=run_id) for b in batch])
-                    n += len(batch)
-            await conn.execute(
-                update(run).where(run.c.run_id == run_id).values(loaded=True, input_rows=input_rows or n)
-            )
+        try:
+            async with self.engine.begin() as conn:
+                async for batch in batches:
+                    if batch:
+                        await conn.execute(insert(request), [dict(b, run_id=run_id) for b in batch])
+                        n += len(batch)
+                await conn.execute(
+                    update(run).where(run.c.run_id == run_id).values(loaded=True, input_rows=input_rows or n)
+                )
+        except IntegrityError as exc:  # the (run, custom_id) key: an id appears twice
+            raise DuplicateRequestId(_explain(exc, self.url)) from exc
+        except (SQLAlchemyError, OSError) as exc:
+            raise StorageError(_explain(exc, self.url)) from exc
         return n
 
     async def body_hashes(self, run_id: str, custom_ids: Sequence[str]) -> dict[str, str]:
