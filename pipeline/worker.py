@@ -235,38 +235,58 @@ class Worker:
         )
 
     async def _on_route(self, route: Route, walk: _Walk) -> tuple[Action | _Resting | None, str | None]:
-        """Attempts on one route. (None, None) on success, else (the final action, message)."""
+        """Attempts on one route. (None, None) on success, else (the final action, message).
+
+        The first attempt runs bare: most succeed, and tenacity's machinery costs more CPU
+        per request than the rest of the worker. Its retries run under tenacity with the same
+        rules (stop, wait, retry) as functions of the failure.
+        """
         start = len(walk.attempts)
 
-        def stop(rs: RetryCallState) -> bool:
+        def retryable(e: BaseException) -> bool:
+            return isinstance(e, RequestError) and classify(e, self.policy).action is Action.RETRY
+
+        def should_stop(exc: BaseException | None) -> bool:
             invalid = sum(1 for a in walk.attempts if a.error_class == "invalid_output")
             return (
                 invalid > self.policy.invalid_answer_retries
-                or not self._grow_output(walk, rs)
+                or not self._grow_output(walk, exc)
                 or len(walk.attempts) - start >= self.retry.max_attempts_per_route
                 or len(walk.attempts) >= self.retry.max_attempts_per_request
                 or route.endpoint.stopped is not None
                 or route.breaker.state == "open"
             )
 
-        def wait(rs: RetryCallState) -> float:
-            # tenacity asks for the wait before deciding to stop: record it only when slept.
-            exc = rs.outcome.exception() if rs.outcome else None
+        def delay_for(exc: BaseException | None) -> float:
             delay = retry_delay(exc, len(walk.attempts) - start, self.retry)
             if isinstance(exc, RateLimited):
                 route.limiter.rate_limited(delay, exc.rate)  # the route waits, retried or not
             return delay
 
+        try:
+            await self._attempt(route, walk)
+            return None, None
+        except _EndpointStopped:
+            return Action.STOP_ENDPOINT, route.endpoint.stopped
+        except RequestError as exc:
+            delay = delay_for(exc)
+            if not retryable(exc) or should_stop(exc):
+                return self._route_failed(route, walk, exc)
+            walk.attempts[-1].wait_s = delay
+        await self._sleep(delay)
+
+        def outcome(rs: RetryCallState) -> BaseException | None:
+            return rs.outcome.exception() if rs.outcome else None
+
         def before_sleep(rs: RetryCallState) -> None:
+            # tenacity asks for the wait before deciding to stop: record it only when slept.
             if rs.next_action is not None and walk.attempts:
                 walk.attempts[-1].wait_s = rs.next_action.sleep
 
         retrying = AsyncRetrying(
-            stop=stop,
-            wait=wait,
-            retry=retry_if_exception(
-                lambda e: isinstance(e, RequestError) and classify(e, self.policy).action is Action.RETRY
-            ),
+            stop=lambda rs: should_stop(outcome(rs)),
+            wait=lambda rs: delay_for(outcome(rs)),
+            retry=retry_if_exception(retryable),
             before_sleep=before_sleep,
             sleep=self._sleep,
             reraise=True,
@@ -278,18 +298,24 @@ class Worker:
         except _EndpointStopped:
             return Action.STOP_ENDPOINT, route.endpoint.stopped
         except RequestError as exc:
-            verdict = classify(exc, self.policy)
-            if verdict.action is Action.STOP_ENDPOINT and route.endpoint.stopped is None:
-                route.endpoint.stopped = f"endpoint {route.endpoint.name} ({route.base_url}): {exc.message}"
-                route.endpoint.rule = verdict.rule
-            if verdict.action is Action.RETRY:
-                if route.breaker.state == "open":  # the route is resting: come back after it
-                    return _RESTING, exc.message
-                walk.attempts[-1].outcome = "retries_spent"
-                if verdict.rule in ("invalid_output", "reasoning_exhausted"):
-                    return Action.FAIL, exc.message  # the model's answers, not the route, failed
-            return verdict.action, exc.message
+            return self._route_failed(route, walk, exc)
         return None, None
+
+    def _route_failed(
+        self, route: Route, walk: _Walk, exc: RequestError
+    ) -> tuple[Action | _Resting | None, str | None]:
+        """What the last failure on a route means for the request (the table's action)."""
+        verdict = classify(exc, self.policy)
+        if verdict.action is Action.STOP_ENDPOINT and route.endpoint.stopped is None:
+            route.endpoint.stopped = f"endpoint {route.endpoint.name} ({route.base_url}): {exc.message}"
+            route.endpoint.rule = verdict.rule
+        if verdict.action is Action.RETRY:
+            if route.breaker.state == "open":  # the route is resting: come back after it
+                return _RESTING, exc.message
+            walk.attempts[-1].outcome = "retries_spent"
+            if verdict.rule in ("invalid_output", "reasoning_exhausted"):
+                return Action.FAIL, exc.message  # the model's answers, not the route, failed
+        return verdict.action, exc.message
 
     async def _attempt(self, route: Route, walk: _Walk) -> Completion:
         sent_before = len(walk.attempts)
@@ -375,11 +401,10 @@ class Worker:
         a.outcome = "success"
         return completion
 
-    def _grow_output(self, walk: _Walk, rs: RetryCallState) -> bool:
+    def _grow_output(self, walk: _Walk, exc: BaseException | None) -> bool:
         """Before retrying an answer whose reasoning ate max_tokens, raise max_tokens.
 
         False when it is already at the cap (no point asking again)."""
-        exc = rs.outcome.exception() if rs.outcome else None
         if not (isinstance(exc, InvalidResponse) and exc.code == "reasoning_exhausted"):
             return True
         cap = output_limit(walk.task.body)
