@@ -12,7 +12,8 @@ chunk_chars=N))`` (the mock-server command has no flag for it); ``--chunk-chars 
 one token per delta, as OpenAI streams. On a machine with two cores or more the server is
 pinned to core 1 (``taskset -c 1``) and this process to core 0.
 
-Printed: requests per second of each run (wall time of ``execute``), CPU milliseconds of this
+One run of each mode comes first as a warm-up and is not counted. Printed: requests per
+second of each run (wall time of ``execute``), CPU milliseconds of this
 process per request, the median rate of each mode and the ratio streamed / plain (the target
 is >= 0.8), and the streamed runs' median time to first and last token from the database.
 Figures are printed, never asserted; the exit status is non-zero only when the harness is

@@ -5,6 +5,10 @@ Returns a :class:`~pipeline.records.Completion` or raises one of the
 Error bodies are read in the shapes real servers use: OpenAI and OpenRouter
 (``{"error": {"message", "type", "code"}}``), vLLM (``{"object": "error", "message", ...}``),
 FastAPI/LiteLLM proxies (``{"detail": ...}``) and plain text. No retries here.
+
+Streamed (``stream=True``): the server-sent events are parsed by :class:`SSEParser` and
+assembled by :class:`StreamAssembler` into the same Completion, with time to first and last
+token; a stream that breaks raises the same RequestError kinds, carrying what arrived.
 """
 
 from __future__ import annotations
@@ -183,10 +187,17 @@ class ChatClient:
         partial Completion (``.completion``, ``partial=True``) so the bill and the audit see it.
         """
         payload = orjson.dumps(_stream_body(model, body))
-        request = self._http.build_request("POST", self._url, content=payload, timeout=self._stream_timeout)
+        # Straight to the transport, as the non-streamed hot path does (see _post).
+        request = httpx.Request(
+            "POST",
+            self._post_url,
+            headers=self._post_headers,
+            content=payload,
+            extensions={"timeout": self._stream_timeout.as_dict()},
+        )
         t0 = time.perf_counter()
         try:
-            response = await self._http.send(request, stream=True)
+            response = await self._transport.handle_async_request(request)
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self._stream_timeout.read) from exc
         try:
@@ -223,19 +234,11 @@ class ChatClient:
         try:
             try:
                 async for data in chunks:
-                    now = time.perf_counter()
-                    for event in parser.feed(data):
-                        if assembler.take(event, now):
-                            done = True
-                            break
-                    if done:
+                    if assembler.take_all(parser.feed(data), time.perf_counter()):
+                        done = True
                         break
                 else:
-                    now = time.perf_counter()
-                    for event in parser.close():
-                        if assembler.take(event, now):
-                            done = True
-                            break
+                    done = assembler.take_all(parser.close(), time.perf_counter())
             except httpx.HTTPError as exc:
                 raise _transport_error(exc, idle) from exc
             if done:
@@ -528,11 +531,21 @@ class SSEParser:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if self._buf:
             chunk = self._buf + chunk
-        blocks = chunk.split(b"\n\n")  # a blank line ends each event
-        self._buf = blocks.pop()
+        end = chunk.rfind(b"\n\n")  # a blank line ends each event
+        if end < 0:
+            self._buf = chunk
+            return []
+        self._buf = chunk[end + 2 :]
+        chunk = chunk[:end]
+        if chunk[:6] == b"data: ":
+            # The usual stream: every event one "data: " line. The line breaks prove it (two
+            # per separator, none inside: JSON data has no raw line break).
+            events = chunk[6:].split(b"\n\ndata: ")
+            if chunk.count(b"\n") == 2 * len(events) - 2:
+                return events
         out: list[bytes] = []
-        for block in blocks:
-            if block[:6] == b"data: " and b"\n" not in block:  # the usual one-line event
+        for block in chunk.split(b"\n\n"):
+            if block[:6] == b"data: " and b"\n" not in block:
                 out.append(block[6:])
             elif block:
                 _event_lines(block, out)
@@ -650,6 +663,60 @@ class StreamAssembler:
             raise InvalidResponse(
                 "invalid JSON in a stream chunk", provider_request_id=self.request_id, body=_snippet(event)
             ) from None
+        self._apply(data, now)
+        return False
+
+    def take_all(self, events: list[bytes], now: float) -> bool:
+        """The events of one read, in order; True at ``[DONE]`` (what follows is not read).
+
+        The usual chunk (one choice, a delta that is only a content string, no finish, no
+        usage, no error) is applied here directly; every other one goes through the general
+        rules of :meth:`take`.
+        """
+        loads = orjson.loads
+        by_index = self.choices
+        token = False
+        try:
+            for event in events:
+                data: Any = None
+                if event[:1] == b"{":
+                    try:
+                        data = loads(event)
+                    except orjson.JSONDecodeError:
+                        data = None
+                if data.__class__ is not dict:
+                    if self.take(event, now):
+                        return True
+                    continue
+                if self.head and "error" not in data:
+                    choices = data.get("choices")
+                    if choices.__class__ is list and len(choices) == 1 and data.get("usage") is None:
+                        c = choices[0]
+                        delta = c.get("delta") if c.__class__ is dict else None
+                        if (
+                            delta.__class__ is dict
+                            and len(delta) == 1
+                            and c.get("finish_reason") is None
+                            and not c.get("logprobs")
+                        ):
+                            text = delta.get("content")
+                            parts = by_index.get(c.get("index", 0))
+                            if text.__class__ is str and parts is not None and parts.content is not None:
+                                self.events += 1
+                                if text:
+                                    parts.content.append(text)
+                                    token = True
+                                continue
+                self._apply(data, now)
+            return False
+        finally:
+            if token:
+                if self.first is None:
+                    self.first = now
+                self.last = now
+
+    def _apply(self, data: Any, now: float) -> None:
+        """One parsed chunk, by the general rules."""
         if data.__class__ is not dict:
             raise InvalidResponse(
                 "a stream chunk that is not a JSON object", provider_request_id=self.request_id
@@ -671,7 +738,6 @@ class StreamAssembler:
         if usage is not None and usage.__class__ is dict:
             self.usage = usage
             self._head(data)  # what the first chunk did not say
-        return False
 
     def _head(self, data: dict[str, Any]) -> None:
         head = self.head

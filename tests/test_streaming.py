@@ -242,6 +242,23 @@ async def test_client_assembles_content_reasoning_and_usage_from_any_framing(pie
 
 
 @pytest.mark.anyio
+async def test_client_reads_chunk_shapes_other_servers_send() -> None:
+    """No role chunk first, the role repeated in every delta, usage on every chunk (the last
+    wins), logprobs to merge, a choice index missing: the same assembly."""
+    lp = {"content": [{"token": "a", "logprob": -0.1}]}
+    body = sse(
+        chunk(delta(content="Hel"), usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}),
+        chunk({"delta": {"role": "assistant", "content": "lo"}, "finish_reason": None, "logprobs": lp}),
+        chunk(delta(role="assistant", content=" you"), usage={"prompt_tokens": 5, "completion_tokens": 3}),
+        chunk(delta(finish="stop"), usage=USAGE),
+    )
+    c = await stream_once(streaming(body))
+    assert (c.first.content, c.first.finish_reason) == ("Hello you", "stop")
+    assert c.usage is not None and c.usage.completion == 12
+    assert orjson.loads(c.raw)["choices"][0]["logprobs"] == lp
+
+
+@pytest.mark.anyio
 async def test_client_merges_the_rows_stream_options_and_forces_usage() -> None:
     sent = Sent()
     body = sse(chunk(delta(content="x", finish="stop")), chunk(usage=USAGE))
@@ -574,7 +591,7 @@ def test_a_stream_cut_mid_way_is_retried_and_the_partial_attempt_recorded(
         assert "cut" in cut["error_message"]
         assert cut["content"] == ok["content"][:16]  # role delta + two 8-character deltas
         assert cut["usage_estimated"] == 1 and cut["completion_tokens"] > 0 and cut["cost_picousd"] > 0
-        assert cut["ttft_ms"] is not None
+        assert cut["ttft_ms"] is not None and cut["http_status"] == 200  # the stream broke after its 200
         assert (ok["outcome"], ok["partial"], ok["usage_estimated"], ok["http_status"]) == (
             "success",
             0,
