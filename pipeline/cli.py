@@ -396,10 +396,41 @@ Example: pipeline mock-server --fault mock-small=503:2 --fault gpt-4o=hang""",
     metavar="MODEL=KIND[:N]",
     help="Requests for MODEL misbehave as KIND (see below); repeatable, one per model.",
 )
+@click.option(
+    "--chunk-chars",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Streamed: characters per content delta.",
+)
+@click.option(
+    "--chunk-delay-ms", type=click.FloatRange(min=0), default=0.0, help="Streamed: delay between events."
+)
+@click.option(
+    "--stream-fault",
+    type=click.Choice(["cut", "error", "stall", "no-usage", "no-done"]),
+    help="Streamed answers: cut the connection, send an error event, or stall after "
+    "--stream-fault-after events; or end without the usage chunk / without [DONE].",
+)
+@click.option("--stream-fault-after", type=click.IntRange(min=0), default=3, show_default=True)
 def mock_server(**kw: Any) -> None:
     """A local OpenAI-compatible server for demos, tests and benchmarks."""
     from pipeline.mock import MockConfig, parse_fault
     from pipeline.mock import main as serve
+    from pipeline.mock.stream_faults import StreamFaults
+
+    k = kw["stream_fault_after"]
+    stream_fault = {
+        None: {},
+        "cut": {"cut_after": k},
+        "error": {"error_after": k},
+        "stall": {"stall_after": k},
+        "no-usage": {"no_usage": True},
+        "no-done": {"no_done": True},
+    }[kw["stream_fault"]]
+    streaming = StreamFaults(
+        chunk_chars=kw["chunk_chars"], chunk_delay_ms=kw["chunk_delay_ms"], **stream_fault
+    )
 
     model_faults = {}
     for text in kw["faults"]:
@@ -424,6 +455,7 @@ def mock_server(**kw: Any) -> None:
             retry_after_s=kw["retry_after"],
             api_key=kw["api_key"],
             seed=kw["seed"],
+            streaming=streaming,
         )
     )
 

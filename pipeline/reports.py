@@ -123,7 +123,10 @@ async def report(db: str, by: str, since: str | None) -> tuple[Sequence[str], li
                SUM(a.cost_picousd) AS cost_picousd,
                SUM(a.reported_cost_picousd) AS reported_cost_picousd,
                SUM(CASE WHEN a.reported_cost_picousd IS NOT NULL AND a.cost_picousd IS NOT NULL
-                        THEN a.reported_cost_picousd - a.cost_picousd END) AS difference_picousd
+                        THEN a.reported_cost_picousd - a.cost_picousd END) AS difference_picousd,
+               AVG(a.latency_ms) AS avg_latency_ms,
+               AVG(a.ttft_ms) AS avg_ttft_ms,
+               AVG(a.output_tokens_per_s) AS avg_output_tokens_per_s
         FROM attempt a
         {"WHERE date(a.started_at) >= :since" if since else ""}
         GROUP BY {key}
@@ -138,6 +141,8 @@ async def report(db: str, by: str, since: str | None) -> tuple[Sequence[str], li
         r = dict(r)
         for name in ("cost", "reported_cost", "difference"):
             r[f"{name}_usd"] = _money(r.pop(f"{name}_picousd"))
+        for name in ("avg_latency_ms", "avg_ttft_ms", "avg_output_tokens_per_s"):
+            r[name] = None if r[name] is None else round(float(r[name]), 1)
         out.append(r)
     cols = list(out[0]) if out else [*labels, "requests", "attempts", "cost_usd"]
     return cols, out

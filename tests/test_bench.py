@@ -55,3 +55,15 @@ def test_memory_bench_short_prints_its_tables() -> None:
     for what in ("baseline: parquet iter_batches", "estimate jsonl", "estimate parquet+template"):
         assert what in out
     assert re.search(r"^run parquet\+template +20,000 ", out, re.MULTILINE)
+
+
+@pytest.mark.timeout(120)
+def test_streaming_bench_short_prints_its_ratio() -> None:
+    out = _run_short("streaming.py")
+    assert "ratio streamed / plain:" in out and "time to first token" in out
+
+
+@pytest.mark.timeout(120)
+def test_transport_bench_short_prints_its_table() -> None:
+    out = _run_short("transport.py")
+    assert "httpx+aiohttp" in out and "httpx default" in out
