@@ -17,7 +17,6 @@ checks, and prints:
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
 import sqlite3
@@ -27,9 +26,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
+import common
 import orjson
 import pyarrow.parquet as pq
 
@@ -53,39 +51,9 @@ class Result:
         return self.succeeded_once and self.parquet_ok and twice_ok
 
 
-class MockProcess:
-    """`pipeline mock-server` in a subprocess on a free port."""
-
-    def __init__(self, latency_ms: float) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "mock-server",
-            "--port",
-            "0",
-            "--latency-ms",
-            str(latency_ms),
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            self.stop()
-            raise RuntimeError(f"mock server did not start: {line!r}")
-        self.base_url = line.strip().rsplit(" ", 1)[-1]
-        self.root = self.base_url.removesuffix("/v1")
-
-    def stats(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.root}/mock/stats", timeout=10).json()
-        return data
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def _completions(base_url: str) -> int:
+    """How many completions the mock server has answered (it counts across the runs' deaths)."""
+    return int(common.mock_stats(base_url, timeout_s=10)["completions"])
 
 
 def _db_count(db: Path, sql: str) -> int:
@@ -108,8 +76,8 @@ def scenario(
             for i in range(n)
         )
     )
-    server = MockProcess(latency_ms)
-    try:
+    mock_cmd = common.mock_server_command("--latency-ms", str(latency_ms))
+    with common.mock_server(mock_cmd, core=None) as base_url:
         spec = folder / "job.toml"
         spec.write_text(
             f"""
@@ -119,7 +87,7 @@ grace_s = 30
 [input]
 path = "in.jsonl"
 [endpoints.default]
-base_url = "{server.base_url}"
+base_url = "{base_url}"
 [limits]
 concurrency = {concurrency}
 [recovery]
@@ -127,7 +95,7 @@ stored_completions = {"true" if name == "recovery" else "false"}
 """
         )
         cmd = [sys.executable, "-m", "pipeline", "run", str(spec), "--db", "p.db", "--out", "out", "-q"]
-        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        env = common.env_without_api_keys()
         sig = signal.SIGINT if name == "sigint" else signal.SIGKILL
         db = folder / "p.db"
         in_flight_total = 0
@@ -135,13 +103,13 @@ stored_completions = {"true" if name == "recovery" else "false"}
         for _ in range(kills):
             done = _db_count(db, "SELECT COUNT(*) FROM request WHERE state = 'succeeded'")
             target = done + rng.randint(max(1, n // 20), max(2, n // 4))
-            before = server.stats()["completions"]
+            before = _completions(base_url)
             proc = subprocess.Popen(
                 cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
             deadline = time.monotonic() + 120
             while proc.poll() is None and time.monotonic() < deadline:
-                if server.stats()["completions"] - before + done >= target:
+                if _completions(base_url) - before + done >= target:
                     break
                 time.sleep(0.01)
             if proc.poll() is None:
@@ -151,9 +119,7 @@ stored_completions = {"true" if name == "recovery" else "false"}
             in_flight_total += _db_count(db, "SELECT COUNT(*) FROM request WHERE state = 'in_flight'")
         final = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
         codes.append(final.returncode)
-        answered = server.stats()["completions"]
-    finally:
-        server.stop()
+        answered = _completions(base_url)
     once = _db_count(
         db,
         "SELECT COUNT(*) FROM (SELECT custom_id FROM attempt WHERE outcome IN ('success', 'recovered') "

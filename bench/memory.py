@@ -41,25 +41,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import random
 import re
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Final
 
+import common
 import orjson
 import psutil
 import pyarrow as pa
@@ -67,7 +64,6 @@ import pyarrow.parquet as pq
 
 GEN_BATCH: Final = 50_000
 CONCURRENCY: Final = 64
-SERVER_START_S: Final = 20.0
 WORDS: Final = tuple(
     " ".join(
         (
@@ -202,72 +198,6 @@ output = 0.60
 # --------------------------------------------------------------------------- processes
 
 
-def pin_prefix(core: int) -> list[str]:
-    taskset = shutil.which("taskset")
-    return [taskset, "-c", str(core)] if taskset and (os.cpu_count() or 1) >= 2 else []
-
-
-# A process's ru_maxrss starts at the RSS of the process that spawned it (Linux keeps the old
-# memory's high-water mark across exec), so a measured command is started by this tiny launcher
-# (python -S, ~8 MB) rather than by this benchmark: it forks the command, tells its pid, waits
-# for it and reports its exit status, peak RSS and CPU times from os.wait4.
-LAUNCHER: Final = r"""
-import os, signal, sys
-fd = int(sys.argv[1])
-pid = os.fork()
-if pid == 0:
-    os.close(fd)
-    try:
-        os.execvp(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-os.write(fd, b"%d\n" % pid)
-_, status, ru = os.wait4(pid, 0)
-code = os.waitstatus_to_exitcode(status)
-os.write(fd, b"%d %d %r %r\n" % (code, ru.ru_maxrss, ru.ru_utime, ru.ru_stime))
-"""
-
-
-@dataclass
-class Child:
-    """A measured command, started through :data:`LAUNCHER`."""
-
-    launcher: subprocess.Popen[bytes]
-    pid: int
-    report: IO[bytes]
-
-
-def spawn(cmd: list[str], core: int | None, **popen: Any) -> Child:
-    """Start ``cmd`` (pinned to ``core``) through the launcher; its stdio is as ``popen`` says."""
-    r, w = os.pipe()
-    pin = pin_prefix(core) if core is not None else []
-    try:
-        launcher = subprocess.Popen(
-            [*pin, sys.executable, "-S", "-c", LAUNCHER, str(w), *cmd], pass_fds=(w,), **popen
-        )
-    finally:
-        os.close(w)
-    report = os.fdopen(r, "rb")
-    line = report.readline()
-    if not line:
-        report.close()
-        launcher.wait()
-        raise RuntimeError(f"could not start {cmd!r}")
-    return Child(launcher, int(line), report)
-
-
-def reap(child: Child) -> tuple[int, float, float]:
-    """Wait for the command: (exit code, peak RSS in MB, user+sys CPU seconds)."""
-    line = child.report.readline()
-    child.report.close()
-    child.launcher.wait()
-    if not line:
-        raise RuntimeError(f"the launcher of pid {child.pid} died (exit {child.launcher.returncode})")
-    code, maxrss_kib, utime, stime = line.split()
-    return int(code), int(maxrss_kib) / 1024.0, float(utime) + float(stime)
-
-
 def rss_mb(ps: psutil.Process) -> float | None:
     try:
         return float(ps.memory_info().rss) / 2**20
@@ -283,42 +213,31 @@ def measure(
     cwd: Path,
     baseline: str | None = None,
     cap_s: float | None = None,
-    stats_url: str | None = None,
+    server: str | None = None,
     progress_s: float = 15.0,
 ) -> Measure:
-    """Run ``cmd`` to its end; wall time, peak RSS (wait4), and for runs their phases."""
+    """Run ``cmd`` to its end; wall time, peak RSS (wait4), and for runs their phases.
+
+    ``server``: the mock server's base URL, to show how many it has answered in progress lines.
+    """
     m = Measure(what, rows, baseline=baseline)
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     t0 = time.perf_counter()
-    child = spawn(cmd, 0, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = common.spawn(
+        cmd, 0, cwd=cwd, env=common.env_without_api_keys(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     proc = child.launcher
     ps = psutil.Process(child.pid)
     marks: dict[str, float] = {}
-    lines: list[str] = []
-    out: list[bytes] = []
 
-    def read_stderr() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            lines.append(line)
-            now = time.perf_counter()
-            if "loaded" not in marks and re.search(r"run \S+: loaded \d+ requests", line):
-                marks["loaded"] = now
-                m.rss_loaded_mb = rss_mb(ps)
-            if "sending" not in marks and re.search(r"run \S+: \d+ requests to send", line):
-                marks["sending"] = now
+    def on_stderr_line(line: str) -> None:
+        now = time.perf_counter()
+        if "loaded" not in marks and re.search(r"run \S+: loaded \d+ requests", line):
+            marks["loaded"] = now
+            m.rss_loaded_mb = rss_mb(ps)
+        if "sending" not in marks and re.search(r"run \S+: \d+ requests to send", line):
+            marks["sending"] = now
 
-    def read_stdout() -> None:
-        assert proc.stdout is not None
-        out.append(proc.stdout.read())
-
-    threads = [
-        threading.Thread(target=read_stderr, daemon=True),
-        threading.Thread(target=read_stdout, daemon=True),
-    ]
-    for t in threads:
-        t.start()
+    output = common.ChildOutput(proc, on_stderr_line)
     next_report = t0 + progress_s
     stopped_at: float | None = None
     while True:
@@ -337,7 +256,7 @@ def measure(
                     os.kill(child.pid, signal.SIGINT)
         if now >= next_report:
             next_report += progress_s
-            done = _answered(stats_url)
+            done = common.answered(server) if server is not None else None
             phase = "sending" if "sending" in marks else ("loading" if "loaded" not in marks else "starting")
             rss = rss_mb(ps)
             print(
@@ -348,87 +267,20 @@ def measure(
                 flush=True,
             )
         time.sleep(0.1)
-    m.exit_code, m.peak_rss_mb, _ = reap(child)
+    m.exit_code, m.peak_rss_mb, _ = common.reap(child)
     t_end = time.perf_counter()
-    for t in threads:
-        t.join(5)
-    stdout = b"".join(out).decode(errors="replace")
+    output.join()
     m.seconds = t_end - t0
-    m.stderr_tail = (lines + stdout.splitlines())[-8:]
+    m.stderr_tail = output.tail()
     if "loaded" in marks:
         m.load_s = marks["loaded"] - t0
     if "sending" in marks:
         m.send_s = (stopped_at or t_end) - marks["sending"]
-        match = re.search(r"; (\d+) succeeded", stdout)
-        m.answered = int(match.group(1)) if match else 0
+        m.answered = output.succeeded()
     return m
 
 
-def _answered(stats_url: str | None) -> int | None:
-    if stats_url is None:
-        return None
-    try:
-        with urllib.request.urlopen(stats_url, timeout=5) as response:
-            return int(json.loads(response.read())["completions"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _announcement(process: subprocess.Popen[bytes]) -> str | None:
-    assert process.stdout is not None
-    fd, buffer = process.stdout.fileno(), b""
-    deadline = time.monotonic() + SERVER_START_S
-    while b"\n" not in buffer and time.monotonic() < deadline:
-        readable, _, _ = select.select([fd], [], [], 0.5)
-        if readable:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return None
-            buffer += chunk
-        elif process.poll() is not None:
-            return None
-    line = buffer.split(b"\n", 1)[0].decode(errors="replace").strip()
-    prefix = "mock server listening on "
-    return line[len(prefix) :] if line.startswith(prefix) else None
-
-
-@contextlib.contextmanager
-def mock_server() -> Iterator[str]:
-    """``pipeline mock-server`` (zero latency) pinned to core 1; yields its base URL (…/v1)."""
-    cmd = [sys.executable, "-m", "pipeline", "mock-server", "--port", "0"]
-    with tempfile.TemporaryFile() as err:
-        process = subprocess.Popen([*pin_prefix(1), *cmd], stdout=subprocess.PIPE, stderr=err)
-        try:
-            base = _announcement(process)
-            if base is None:
-                err.seek(0)
-                raise RuntimeError(f"the mock server did not start: {err.read().decode(errors='replace')}")
-            yield base
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
-
-
 # --------------------------------------------------------------------------- reporting
-
-
-def render(header: Sequence[str], rows: Sequence[Sequence[str]], left: set[int]) -> str:
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        cells = (
-            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        return "  ".join(cells).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
 def _mb(v: float | None) -> str:
@@ -474,7 +326,7 @@ def table(results: Sequence[Measure]) -> str:
                 note,
             )
         )
-    return render(header, rows, left={0, 7})
+    return common.render(header, rows, left={0, 7})
 
 
 def phases(results: Sequence[Measure]) -> str:
@@ -506,7 +358,7 @@ def phases(results: Sequence[Measure]) -> str:
                 _mb(r.peak_rss_mb),
             )
         )
-    return render(header, rows, left={0})
+    return common.render(header, rows, left={0})
 
 
 # --------------------------------------------------------------------------- main
@@ -531,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cap_s = args.cap_s if args.cap_s is not None else (6.0 if args.short else 480.0)
     progress_s = 5.0 if args.short else 20.0
     py = sys.executable
-    load = f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    load = common.load_average()
     print(
         f"python {platform.python_version()}, pyarrow {pa.__version__}; {os.cpu_count()} cores "
         f"(measured process on core 0, mock server on core 1); {load}",
@@ -544,9 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  [{time.perf_counter() - started:5.0f} s] {text}", file=sys.stderr, flush=True)
 
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp, mock_server() as base_url:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp,
+            common.mock_server(common.mock_server_command()) as base_url,
+        ):
             folder = Path(tmp)
-            stats_url = base_url.removesuffix("/v1") + "/mock/stats"
             for n in sizes:
                 note(f"generating {n:,} rows")
                 write_jsonl(folder / f"requests-{n}.jsonl", n)
@@ -603,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         cwd=run_dir,
                         baseline="baseline: parquet iter_batches",
                         cap_s=cap_s,
-                        stats_url=stats_url,
+                        server=base_url,
                         progress_s=progress_s,
                     )
                     results.append(r)
@@ -625,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(r.send_s is not None for r in results):
         print()
         print(phases(results))
-    print(f"after: load average {os.getloadavg()[0]:.2f}; total {time.perf_counter() - started:.0f} s")
+    print(f"after: {common.load_average()}; total {time.perf_counter() - started:.0f} s")
     broken = [
         f"{r.what} {r.rows}: exit {r.exit_code}\n    " + "\n    ".join(r.stderr_tail)
         for r in results

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import anyio
+import common
 import orjson
 
 from pipeline.outputs import PartWriter
@@ -279,18 +280,6 @@ async def measure(variant: Variant, n: int, folder: Path) -> Result:
 # --------------------------------------------------------------------------- reporting
 
 
-def render(header: Sequence[str], rows: Sequence[Sequence[str]], left: set[int]) -> str:
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        cells = (
-            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        return "  ".join(cells).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
-
-
 def table(results: Sequence[Result], vs_rps: float | None) -> str:
     header = (
         "variant",
@@ -321,7 +310,7 @@ def table(results: Sequence[Result], vs_rps: float | None) -> str:
                 f"{r.rate / vs_rps:.1f}x" if vs_rps else "(--vs-rps)",
             )
         )
-    return render(header, rows, left={0})
+    return common.render(header, rows, left={0})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -336,9 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     n = args.n or (2_000 if args.short else 20_000)
-    load = f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     print(
-        f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}; {os.cpu_count()} cores; {load}"
+        f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}; {os.cpu_count()} cores; "
+        f"{common.load_average()}"
     )
     results = []
     for variant in VARIANTS:

@@ -26,31 +26,24 @@ broken (the server does not start, or a run does not answer every request).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import platform
-import select
-import shutil
-import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import anyio
+import common
 import orjson
 
 from pipeline.run import execute
 from pipeline.spec import load_spec
-
-SERVER_START_S: Final = 20.0
 
 
 @dataclass(frozen=True)
@@ -85,30 +78,9 @@ class Result:
 # --------------------------------------------------------------------------- the server
 
 
-def _pin_prefix() -> list[str]:
-    taskset = shutil.which("taskset")
-    return [taskset, "-c", "1"] if taskset and (os.cpu_count() or 1) >= 2 else []
-
-
-def _pin_self() -> str:
-    if (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity") and _pin_prefix():
-        os.sched_setaffinity(0, {0})
-        return "pipeline on core 0, server on core 1"
-    return "not pinned (needs 2+ cores, taskset and sched_setaffinity)"
-
-
 def _server_command(setup: Setup) -> list[str]:
     if setup.chunk_chars is None:
-        return [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "mock-server",
-            "--port",
-            "0",
-            "--latency-ms",
-            str(setup.latency_ms),
-        ]
+        return common.mock_server_command("--latency-ms", str(setup.latency_ms))
     code = (
         "import sys; from pipeline.mock import MockConfig, main; "
         "from pipeline.mock.stream_faults import StreamFaults; "
@@ -116,51 +88,6 @@ def _server_command(setup: Setup) -> list[str]:
         "streaming=StreamFaults(chunk_chars=int(sys.argv[2]))))"
     )
     return [sys.executable, "-c", code, str(setup.latency_ms), str(setup.chunk_chars)]
-
-
-def _announced_url(process: subprocess.Popen[bytes]) -> str | None:
-    assert process.stdout is not None
-    fd, buffer = process.stdout.fileno(), b""
-    deadline = time.monotonic() + SERVER_START_S
-    while b"\n" not in buffer:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        readable, _, _ = select.select([fd], [], [], min(left, 0.5))
-        if readable:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return None
-            buffer += chunk
-        elif process.poll() is not None:
-            return None
-    line = buffer.split(b"\n", 1)[0].decode(errors="replace").strip()
-    prefix = "mock server listening on "
-    return line[len(prefix) :] if line.startswith(prefix) else None
-
-
-@contextlib.contextmanager
-def mock_server(setup: Setup) -> Iterator[str]:
-    """The mock in a pinned subprocess; yields its base URL; always stops it."""
-    command = [*_pin_prefix(), *_server_command(setup)]
-    with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
-        try:
-            url = _announced_url(process)
-            if url is None:
-                stderr.seek(0)
-                raise RuntimeError(f"the mock server did not start: {stderr.read().decode(errors='replace')}")
-            yield url
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
 
 
 # --------------------------------------------------------------------------- the job
@@ -223,7 +150,10 @@ def one_run(work: Path, url: str, setup: Setup, mode: str, n: int | str) -> Resu
 
 def measure(setup: Setup) -> list[Result]:
     results: list[Result] = []
-    with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp, mock_server(setup) as url:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp,
+        common.mock_server(_server_command(setup), stop_timeout_s=5) as url,
+    ):
         work = Path(tmp)
         write_input(work / "in.jsonl", setup)
         for mode in ("plain", "stream"):  # warm-up, not counted: imports, tokenizer, connections
@@ -248,7 +178,7 @@ def report(setup: Setup, results: Sequence[Result]) -> float:
     stream = [r for r in results if r.mode == "stream"]
     p_rps = statistics.median(r.rps for r in plain)
     s_rps = statistics.median(r.rps for r in stream)
-    ideal = setup.concurrency / (setup.latency_ms / 1000.0) if setup.latency_ms else None
+    ideal = common.ideal_rps(setup.concurrency, setup.latency_ms)
     deltas = (
         f"{setup.chunk_chars} characters" if setup.chunk_chars else "16 characters (pipeline mock-server)"
     )
@@ -294,9 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds or (1 if args.short else 3),
         chunk_chars=args.chunk_chars,
     )
-    pinning = _pin_self()
-    load = f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    print(f"python {platform.python_version()}; {os.cpu_count()} cores, {pinning}; {load}", flush=True)
+    pinning = "pipeline on core 0, server on core 1" if common.pin_self() else common.NOT_PINNED
+    print(
+        f"python {platform.python_version()}; {os.cpu_count()} cores, {pinning}; {common.load_average()}",
+        flush=True,
+    )
     try:
         results = measure(setup)
     except RuntimeError as exc:
@@ -306,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; the mock server was stopped", file=sys.stderr)
         return 130
     report(setup, results)
-    if hasattr(os, "getloadavg"):
-        print(f"after: load average {os.getloadavg()[0]:.2f} (other work on the machine skews the figures)")
+    if load := common.load_average():
+        print(f"after: {load} (other work on the machine skews the figures)")
     return 0
 
 

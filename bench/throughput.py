@@ -18,7 +18,7 @@ input into SQLite, shown apart as ``setup s``) and stops when the process exits 
 rebuild of results.parquet counts). ``CPU ms/req`` is the run's user+sys CPU time over that same
 span (psutil reads the child's CPU times at the log line; ``os.wait4`` gives them at the exit)
 per request; ``peak RSS`` is ``ru_maxrss`` from ``os.wait4`` (through a tiny launcher process, see
-:data:`LAUNCHER`); ``tail s`` is the time from the server's last answer (``/mock/stats``, polled
+``common.LAUNCHER``); ``tail s`` is the time from the server's last answer (``/mock/stats``, polled
 every 50 ms) to the exit: rebuilding results.parquet from the database and closing. The ratio
 is the pipeline's rate over the aiohttp baseline's, or over the ideal ``C / latency`` where the
 scenario says so.
@@ -42,7 +42,6 @@ import gc
 import os
 import platform
 import re
-import select
 import shutil
 import signal
 import statistics
@@ -51,22 +50,22 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Final
 from urllib.parse import urlsplit
 
 import aiohttp
+import common
 import orjson
 import psutil
 
 MODEL: Final = "mock-small"
 PROMPT: Final = "Summarise this support ticket in one sentence: my order arrived late, box damaged. #{i}"
-SERVER_START_S: Final = 20.0
 RUN_TIMEOUT_S: Final = 900.0
 START_LINE: Final = re.compile(r"run \S+: (\d+) requests to send")
+LOAD_UNKNOWN: Final = "load unknown"
 
 Send = Callable[[bytes], Awaitable[None]]
 
@@ -86,7 +85,7 @@ class Scenario:
 
     @property
     def ideal_rps(self) -> float | None:
-        return self.concurrency / (self.latency_ms / 1000.0) if self.latency_ms else None
+        return common.ideal_rps(self.concurrency, self.latency_ms)
 
 
 FULL: Final = (
@@ -161,81 +160,7 @@ class Result:
         return self.run.rps / ref if ref else None
 
 
-# --------------------------------------------------------------------------- pinning, server
-
-
-def pin_prefix(core: int) -> list[str]:
-    """``taskset -c CORE`` when taskset exists and there are 2+ cores, else nothing."""
-    taskset = shutil.which("taskset")
-    return [taskset, "-c", str(core)] if taskset and (os.cpu_count() or 1) >= 2 else []
-
-
-# A process's ru_maxrss starts at the RSS of the process that spawned it (Linux keeps the old
-# memory's high-water mark across exec), so a measured command is started by this tiny launcher
-# (python -S, ~8 MB) rather than by this benchmark: it forks the command, tells its pid, waits
-# for it and reports its exit status, peak RSS and CPU times from os.wait4.
-LAUNCHER: Final = r"""
-import os, signal, sys
-fd = int(sys.argv[1])
-pid = os.fork()
-if pid == 0:
-    os.close(fd)
-    try:
-        os.execvp(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-os.write(fd, b"%d\n" % pid)
-_, status, ru = os.wait4(pid, 0)
-code = os.waitstatus_to_exitcode(status)
-os.write(fd, b"%d %d %r %r\n" % (code, ru.ru_maxrss, ru.ru_utime, ru.ru_stime))
-"""
-
-
-@dataclass
-class Child:
-    """A measured command, started through :data:`LAUNCHER`."""
-
-    launcher: subprocess.Popen[bytes]
-    pid: int
-    report: IO[bytes]
-
-
-def spawn(cmd: list[str], core: int | None, **popen: Any) -> Child:
-    """Start ``cmd`` (pinned to ``core``) through the launcher; its stdio is as ``popen`` says."""
-    r, w = os.pipe()
-    pin = pin_prefix(core) if core is not None else []
-    try:
-        launcher = subprocess.Popen(
-            [*pin, sys.executable, "-S", "-c", LAUNCHER, str(w), *cmd], pass_fds=(w,), **popen
-        )
-    finally:
-        os.close(w)
-    report = os.fdopen(r, "rb")
-    line = report.readline()
-    if not line:
-        report.close()
-        launcher.wait()
-        raise RuntimeError(f"could not start {cmd!r}")
-    return Child(launcher, int(line), report)
-
-
-def reap(child: Child) -> tuple[int, float, float]:
-    """Wait for the command: (exit code, peak RSS in MB, user+sys CPU seconds)."""
-    line = child.report.readline()
-    child.report.close()
-    child.launcher.wait()
-    if not line:
-        raise RuntimeError(f"the launcher of pid {child.pid} died (exit {child.launcher.returncode})")
-    code, maxrss_kib, utime, stime = line.split()
-    return int(code), int(maxrss_kib) / 1024.0, float(utime) + float(stime)
-
-
-def pin_self() -> str:
-    if pin_prefix(0) and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {0})
-        return "clients and pipeline on core 0, server on core 1"
-    return "not pinned (needs 2+ cores and taskset)"
+# --------------------------------------------------------------------------- the machine
 
 
 def raise_fd_limit() -> None:
@@ -248,48 +173,6 @@ def raise_fd_limit() -> None:
     want = hard if hard != resource.RLIM_INFINITY else 65536
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def _announcement(process: subprocess.Popen[bytes]) -> str | None:
-    assert process.stdout is not None
-    fd, buffer = process.stdout.fileno(), b""
-    deadline = time.monotonic() + SERVER_START_S
-    while b"\n" not in buffer and time.monotonic() < deadline:
-        readable, _, _ = select.select([fd], [], [], 0.5)
-        if readable:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return None
-            buffer += chunk
-        elif process.poll() is not None:
-            return None
-    line = buffer.split(b"\n", 1)[0].decode(errors="replace").strip()
-    prefix = "mock server listening on "
-    return line[len(prefix) :] if line.startswith(prefix) else None
-
-
-@contextlib.contextmanager
-def mock_server(latency_ms: float) -> Iterator[str]:
-    """``pipeline mock-server`` pinned to core 1; yields its base URL (…/v1); always stops it."""
-    cmd = [sys.executable, "-m", "pipeline", "mock-server", "--port", "0", "--latency-ms", str(latency_ms)]
-    with tempfile.TemporaryFile() as err:
-        process = subprocess.Popen([*pin_prefix(1), *cmd], stdout=subprocess.PIPE, stderr=err)
-        try:
-            base = _announcement(process)
-            if base is None:
-                err.seek(0)
-                raise RuntimeError(f"the mock server did not start: {err.read().decode(errors='replace')}")
-            yield base
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -422,61 +305,48 @@ def run_pipeline(base: str, scenario: Scenario, input_path: Path, workdir: Path)
         "out",
         "-q",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     result = Run()
     t_launch = time.perf_counter()
-    child = spawn(cmd, 0, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc = child.launcher
+    child = common.spawn(
+        cmd, 0, cwd=folder, env=common.env_without_api_keys(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     ps = psutil.Process(child.pid)
     marks: dict[str, float] = {}
-    lines: list[str] = []
-    out_chunks: list[bytes] = []
 
-    def read_stderr() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            lines.append(line)
-            if "start" not in marks and START_LINE.search(line):
-                marks["start"] = time.perf_counter()
-                with contextlib.suppress(psutil.Error):
-                    cpu = ps.cpu_times()
-                    marks["cpu"] = cpu.user + cpu.system
+    def on_stderr_line(line: str) -> None:
+        if "start" not in marks and START_LINE.search(line):
+            marks["start"] = time.perf_counter()
+            with contextlib.suppress(psutil.Error):
+                cpu = ps.cpu_times()
+                marks["cpu"] = cpu.user + cpu.system
 
-    def read_stdout() -> None:
-        assert proc.stdout is not None
-        out_chunks.append(proc.stdout.read())
-
-    stats_url = base.removesuffix("/v1") + "/mock/stats"
-    answered_before = server_answers(stats_url) or 0
+    answered_before = common.answered(base) or 0
     done = threading.Event()
 
     def watch_server() -> None:
         """When did the server give its last answer? (polled every 50 ms)"""
         last = answered_before
         while not done.wait(0.05):
-            now_answered = server_answers(stats_url)
+            now_answered = common.answered(base)
             if now_answered is not None and now_answered > last:
                 last = now_answered
                 marks["last_answer"] = time.perf_counter()
 
-    readers = [threading.Thread(target=f, daemon=True) for f in (read_stderr, read_stdout, watch_server)]
-    for t in readers:
-        t.start()
+    output = common.ChildOutput(child.launcher, on_stderr_line)
+    watcher = threading.Thread(target=watch_server, daemon=True)
+    watcher.start()
     timer = threading.Timer(RUN_TIMEOUT_S, lambda: os.kill(child.pid, signal.SIGINT))
     timer.start()
     try:
-        result.exit_code, result.peak_rss_mb, result.cpu_total_s = reap(child)
+        result.exit_code, result.peak_rss_mb, result.cpu_total_s = common.reap(child)
     finally:
         timer.cancel()
     t_end = time.perf_counter()
     done.set()
-    for t in readers:
-        t.join(5)
-    stdout = b"".join(out_chunks).decode(errors="replace")
-    match = re.search(r"; (\d+) succeeded", stdout)
-    result.succeeded = int(match.group(1)) if match else 0
-    result.stderr_tail = (lines + stdout.splitlines())[-8:]
+    output.join()
+    watcher.join(5)
+    result.succeeded = output.succeeded()
+    result.stderr_tail = output.tail()
     if "start" in marks:
         result.started = True
         result.setup_s = marks["start"] - t_launch
@@ -486,14 +356,6 @@ def run_pipeline(base: str, scenario: Scenario, input_path: Path, workdir: Path)
         result.tail_s = t_end - marks["last_answer"]
     shutil.rmtree(folder, ignore_errors=True)
     return result
-
-
-def server_answers(stats_url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(stats_url, timeout=5) as response:
-            return int(orjson.loads(response.read())["completions"])
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 # --------------------------------------------------------------------------- reporting
@@ -538,19 +400,7 @@ def table(results: Sequence[Result]) -> str:
                 fmt(r.run.tail_s, ".1f"),
             )
         )
-    return render(header, rows, left={0, 6})
-
-
-def render(header: Sequence[str], rows: Sequence[Sequence[str]], left: set[int]) -> str:
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        cells = (
-            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        return "  ".join(cells).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+    return common.render(header, rows, left={0, 6})
 
 
 def help_time(runs: int = 5) -> tuple[float, float]:
@@ -570,10 +420,6 @@ def help_time(runs: int = 5) -> tuple[float, float]:
     )
 
 
-def load() -> str:
-    return f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "load unknown"
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -585,7 +431,8 @@ def measure(scenarios: Sequence[Scenario], workdir: Path) -> list[Result]:
             inputs[s.requests] = workdir / f"requests-{s.requests}.jsonl"
             write_input(inputs[s.requests], s.requests)
         bodies = wire_bodies(s.requests)
-        with mock_server(s.latency_ms) as base:
+        mock_cmd = common.mock_server_command("--latency-ms", str(s.latency_ms))
+        with common.mock_server(mock_cmd) as base:
             gc.collect()
             base_loop = asyncio.run(bare_aiohttp(base, s.concurrency, bodies))
             progress(f"{s.name} aiohttp   {base_loop.rps:>8,.0f} req/s  {base_loop.wall_s:6.1f} s")
@@ -613,10 +460,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scenarios = SHORT if args.short else FULL
     raise_fd_limit()
-    pinning = pin_self()
+    pinning = (
+        "clients and pipeline on core 0, server on core 1"
+        if common.pin_self()
+        else "not pinned (needs 2+ cores and taskset)"
+    )
     print(
         f"python {platform.python_version()}, aiohttp {aiohttp.__version__}; {os.cpu_count()} cores, "
-        f"{pinning}; {load()}",
+        f"{pinning}; {common.load_average(LOAD_UNKNOWN)}",
         flush=True,
     )
     try:
@@ -636,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"pipeline --help: {help_s:.3f} s, median of 5 (target < 0.3 s); "
         f"bare `python -c pass`: {python_s:.3f} s"
     )
-    print(f"after: {load()} (other work on the machine skews the figures)")
+    print(f"after: {common.load_average(LOAD_UNKNOWN)} (other work on the machine skews the figures)")
     broken = []
     for r in results:
         if r.aiohttp.ok == 0 or r.raw.ok == 0:

@@ -39,9 +39,6 @@ import gc
 import json
 import os
 import platform
-import select
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import IO, Final
 
 import aiohttp
+import common
 import httpx
 
 from pipeline.transport import AiohttpTransport
@@ -72,7 +70,7 @@ BODY: Final = json.dumps(
 HEADERS: Final = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
 TIMEOUT_S: Final = 5.0  # httpx's default; the bare aiohttp loop gets the same connect/read limit
 GRACE_S: Final = 10.0  # after the cap, how long in-flight requests may still finish
-SERVER_START_S: Final = 20.0
+LOAD_UNKNOWN: Final = "load average unknown"
 
 Send = Callable[[], Awaitable[None]]
 ClientFactory = Callable[[str, int], contextlib.AbstractAsyncContextManager[Send]]
@@ -88,7 +86,7 @@ class Scenario:
     @property
     def ideal_rps(self) -> float | None:
         """The rate a zero-cost client would reach: every slot busy waiting on the server."""
-        return self.concurrency / (self.latency_ms / 1000.0) if self.latency_ms else None
+        return common.ideal_rps(self.concurrency, self.latency_ms)
 
 
 FULL: Final = (
@@ -219,59 +217,16 @@ async def measure(factory: ClientFactory, url: str, result: Result, cap_s: float
 # --------------------------------------------------------------------------- the server
 
 
-def _pin_prefix() -> list[str]:
-    cores = os.cpu_count() or 1
-    taskset = shutil.which("taskset")
-    return [taskset, "-c", "1"] if taskset and cores >= 2 else []
-
-
 def _server_commands(latency_ms: float) -> list[list[str]]:
     """The CLI first; ``pipeline.mock.main`` directly if the CLI is not usable."""
-    cli = [sys.executable, "-m", "pipeline", "mock-server", "--port", "0"]
     direct = (
         "import sys; from pipeline.mock import MockConfig, main; "
         "main(MockConfig(port=0, latency_ms=float(sys.argv[1])))"
     )
     return [
-        [*cli, "--latency-ms", str(latency_ms)],
+        common.mock_server_command("--latency-ms", str(latency_ms)),
         [sys.executable, "-c", direct, str(latency_ms)],
     ]
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
-
-
-def _read_announcement(process: subprocess.Popen[bytes]) -> str | None:
-    """The base URL from "mock server listening on URL", or None if the process gave up."""
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    buffer = b""
-    deadline = time.monotonic() + SERVER_START_S
-    while b"\n" not in buffer:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        readable, _, _ = select.select([fd], [], [], min(left, 0.5))
-        if readable:
-            chunk = os.read(fd, 4096)
-            if not chunk:  # the process exited
-                return None
-            buffer += chunk
-        elif process.poll() is not None:
-            return None
-    line = buffer.split(b"\n", 1)[0].decode(errors="replace").strip()
-    prefix = "mock server listening on "
-    return line[len(prefix) :] if line.startswith(prefix) else None
 
 
 @contextlib.contextmanager
@@ -279,16 +234,17 @@ def mock_server(latency_ms: float) -> Iterator[str]:
     """Run the mock in a pinned subprocess; yield its chat-completions URL; always stop it."""
     for command in _server_commands(latency_ms):
         with tempfile.TemporaryFile() as stderr:
-            process = subprocess.Popen([*_pin_prefix(), *command], stdout=subprocess.PIPE, stderr=stderr)
+            pinned = [*common.pin_prefix(1), *command]
+            process = subprocess.Popen(pinned, stdout=subprocess.PIPE, stderr=stderr)
             started = False
             try:
-                base = _read_announcement(process)
+                base = common.read_announcement(process)
                 if base is not None:
                     started = True
                     yield base + "/chat/completions"
                     return
             finally:
-                _stop(process)
+                common.stop(process, timeout_s=5)
                 _report_stderr(stderr, command, started)
     raise RuntimeError("could not start the mock server (its output is above)")
 
@@ -341,35 +297,10 @@ def table(results: Sequence[Result]) -> str:
                 _errors(r.errors),
             )
         )
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    right = {2, 3, 4, 5}
-
-    def line(row: Sequence[str]) -> str:
-        cells = (
-            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        return "  ".join(cells).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+    return common.render(header, rows, left={0, 1, 6})
 
 
 # --------------------------------------------------------------------------- main
-
-
-def _pin_self() -> str:
-    cores = os.cpu_count() or 1
-    if cores >= 2 and hasattr(os, "sched_setaffinity") and _pin_prefix():
-        os.sched_setaffinity(0, {0})
-        return "client on core 0, server on core 1"
-    return "not pinned (needs 2+ cores, taskset and sched_setaffinity)"
-
-
-def _load() -> str:
-    """The 1-minute load average: other processes competing for the two pinned cores."""
-    if not hasattr(os, "getloadavg"):
-        return "load average unknown"
-    return f"load average {os.getloadavg()[0]:.2f}"
 
 
 def run(scenarios: Sequence[Scenario], cap_s: float) -> list[Result]:
@@ -399,11 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios = SHORT if args.short else FULL
     cap_s = args.cap if args.cap is not None else (10.0 if args.short else 45.0)
 
-    pinning = _pin_self()
+    pinning = "client on core 0, server on core 1" if common.pin_self() else common.NOT_PINNED
     print(
         f"python {platform.python_version()}, aiohttp {aiohttp.__version__}, "
         f"httpx {httpx.__version__}; {os.cpu_count()} cores, {pinning}; "
-        f"cap {cap_s:g} s per client; {_load()}",
+        f"cap {cap_s:g} s per client; {common.load_average(LOAD_UNKNOWN)}",
         flush=True,
     )
     try:
@@ -412,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; the mock server was stopped", file=sys.stderr)
         return 130
     print(table(results))
-    print(f"after: {_load()} (other work on the machine skews the figures)")
+    print(f"after: {common.load_average(LOAD_UNKNOWN)} (other work on the machine skews the figures)")
     broken = [r.scenario.name for r in results if r.client == BASELINE and r.ok == 0]
     if broken:
         print(f"harness broken: the aiohttp baseline completed nothing in {broken}", file=sys.stderr)
