@@ -35,6 +35,10 @@ from pipeline.spec import BreakerSpec, LimitsSpec
 __all__ = ["Bucket", "CircuitBreaker", "Permit", "RouteLimiter"]
 
 LEARNED_MARGIN = 0.97  # run a learned limit a little under the provider's
+# A provider's per-minute window, seen from here: 1% longer than a minute, so that requests
+# granted at the edge of our window never arrive inside the provider's (network and event
+# loop delays put its clock a little behind ours).
+WINDOW_S = 60.6
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -157,8 +161,8 @@ class RouteLimiter:
     ) -> None:
         self.limits = limits
         self.capacity = anyio.CapacityLimiter(limits.concurrency)
-        self.rpm = Bucket(limits.rpm, clock=clock, sleep=sleep) if limits.rpm else None
-        self.tpm = Bucket(limits.tpm, clock=clock, sleep=sleep) if limits.tpm else None
+        self.rpm = Bucket(limits.rpm, WINDOW_S, clock=clock, sleep=sleep) if limits.rpm else None
+        self.tpm = Bucket(limits.tpm, WINDOW_S, clock=clock, sleep=sleep) if limits.tpm else None
         self.learned_rpm: float | None = None  # what the provider told us, when not configured
         self.learned_tpm: float | None = None
         self._clock = clock
@@ -176,7 +180,7 @@ class RouteLimiter:
 
     def _granted_last_minute(self) -> int:
         now = self._clock()
-        while self._recent and self._recent[0] <= now - 60.0:
+        while self._recent and self._recent[0] <= now - WINDOW_S:
             self._recent.popleft()
         return len(self._recent)
 
@@ -185,7 +189,7 @@ class RouteLimiter:
             return
         target = max(1.0, limit * LEARNED_MARGIN)
         if self.rpm is None:
-            self.rpm = Bucket(target, clock=self._clock, sleep=self._sleep)
+            self.rpm = Bucket(target, WINDOW_S, clock=self._clock, sleep=self._sleep)
             self.rpm.seed(self._recent)
         elif abs(self.rpm.limit - target) > 0.01 * target:
             self.rpm.set_limit(target)
@@ -196,7 +200,7 @@ class RouteLimiter:
             return
         target = max(1.0, limit * LEARNED_MARGIN)
         if self.tpm is None:
-            self.tpm = Bucket(target, clock=self._clock, sleep=self._sleep)
+            self.tpm = Bucket(target, WINDOW_S, clock=self._clock, sleep=self._sleep)
         elif abs(self.tpm.limit - target) > 0.01 * target:
             self.tpm.set_limit(target)
         self.learned_tpm = target
@@ -209,10 +213,12 @@ class RouteLimiter:
             self._learn_rpm(rate.limit_requests)
         if rate.limit_tokens:
             self._learn_tpm(rate.limit_tokens)
+        # "reset" is when the window is whole again (OpenAI's meaning), often a minute away;
+        # a request fits again as soon as one unit frees, about 60 s / limit at the steady rate.
         if rate.remaining_requests == 0 and rate.reset_requests_s:
-            self.cool_down(rate.reset_requests_s)
+            self.cool_down(min(rate.reset_requests_s, WINDOW_S / max(1, rate.limit_requests or 1)))
         if rate.remaining_tokens == 0 and rate.reset_tokens_s:
-            self.cool_down(rate.reset_tokens_s)
+            self.cool_down(min(rate.reset_tokens_s, 1.0))
 
     def rate_limited(self, wait_s: float, rate: RateInfo | None) -> None:
         """A 429: the route cools down; with no limit known, take what got through as the limit."""

@@ -295,12 +295,16 @@ def test_headers_never_override_a_configured_limit() -> None:
 
 
 @pytest.mark.anyio
-async def test_an_empty_window_in_the_headers_makes_the_route_wait_for_the_reset() -> None:
-    """remaining-requests 0 with reset 2.5s: the next slot waits 2.5 s, not a 429 later."""
+async def test_an_empty_window_in_the_headers_makes_the_route_wait_for_one_slot_not_the_whole_reset() -> None:
+    """remaining-requests 0: wait until one request frees (60 s / limit), never past the reset."""
     limiter, clock = route(LimitsSpec(concurrency=4))
-    limiter.observe(RateInfo(limit_requests=10_000, remaining_requests=0, reset_requests_s=2.5))
+    limiter.observe(RateInfo(limit_requests=1200, remaining_requests=0, reset_requests_s=40.0))
     await _take(limiter, 1)
-    assert clock.now >= 2.5
+    assert 0.04 < clock.now < 0.06  # 60.6 s / 1200: the next free slot, not 40 s
+    slow, slow_clock = route(LimitsSpec(concurrency=4))
+    slow.observe(RateInfo(limit_requests=10, remaining_requests=0, reset_requests_s=2.5))
+    await _take(slow, 1)
+    assert slow_clock.now == pytest.approx(2.5)  # the reset comes first
 
 
 @pytest.mark.anyio
