@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -84,11 +85,11 @@ class Bucket:
         self._interval = self.period / self.limit
         self._tolerance = max(self._interval, 1.0)
 
-    def seed(self, times: Iterable[float]) -> None:
-        """Count grants made before this bucket existed (one unit each)."""
-        for t in times:
-            self._log.append(_Grant(t, 1.0))
-            self._used += 1.0
+    def seed(self, grants: Iterable[tuple[float, float]]) -> None:
+        """Count grants made before this bucket existed: (time, amount) pairs."""
+        for t, amount in grants:
+            self._log.append(_Grant(t, amount))
+            self._used += amount
 
     @property
     def used(self) -> float:
@@ -147,8 +148,11 @@ class Permit:
 
     limiter: RouteLimiter
     tokens: _Grant | None
+    entry: list[Any] | None = None  # the limiter's record of this grant
 
     def settle(self, total_tokens: int | None) -> None:
+        if self.entry is not None and total_tokens is not None:
+            self.entry[1] = total_tokens
         if self.tokens is not None and self.limiter.tpm is not None and total_tokens is not None:
             self.limiter.tpm.settle(self.tokens, total_tokens)
 
@@ -168,7 +172,9 @@ class RouteLimiter:
         self._clock = clock
         self._sleep = sleep
         self._cooldown_until = 0.0
-        self._recent: deque[float] = deque()  # grant times of the last minute, always kept
+        # Grants of the last window, always kept: [time, tokens] (tokens None until known),
+        # so that a limit learned later starts from what the provider has already counted.
+        self._recent: deque[list[Any]] = deque()
 
     def cool_down(self, seconds: float) -> None:
         """A 429 slows the whole route, not only the request that saw it."""
@@ -180,7 +186,7 @@ class RouteLimiter:
 
     def _granted_last_minute(self) -> int:
         now = self._clock()
-        while self._recent and self._recent[0] <= now - WINDOW_S:
+        while self._recent and self._recent[0][0] <= now - WINDOW_S:
             self._recent.popleft()
         return len(self._recent)
 
@@ -190,7 +196,7 @@ class RouteLimiter:
         target = max(1.0, limit * LEARNED_MARGIN)
         if self.rpm is None:
             self.rpm = Bucket(target, WINDOW_S, clock=self._clock, sleep=self._sleep)
-            self.rpm.seed(self._recent)
+            self.rpm.seed((t, 1.0) for t, _ in self._recent)
         elif abs(self.rpm.limit - target) > 0.01 * target:
             self.rpm.set_limit(target)
         self.learned_rpm = target
@@ -201,6 +207,10 @@ class RouteLimiter:
         target = max(1.0, limit * LEARNED_MARGIN)
         if self.tpm is None:
             self.tpm = Bucket(target, WINDOW_S, clock=self._clock, sleep=self._sleep)
+            self._granted_last_minute()
+            known = [n for _, n in self._recent if n is not None]
+            usual = sum(known) / len(known) if known else 0.0  # requests still in flight
+            self.tpm.seed((t, usual if n is None else n) for t, n in self._recent)
         elif abs(self.tpm.limit - target) > 0.01 * target:
             self.tpm.set_limit(target)
         self.learned_tpm = target
@@ -246,9 +256,10 @@ class RouteLimiter:
             grant = None
             if self.tpm is not None:
                 grant = await self.tpm.acquire(tokens() if callable(tokens) else tokens)
-            self._recent.append(self._clock())
+            entry = [self._clock(), None]
+            self._recent.append(entry)
             self._granted_last_minute()
-            yield Permit(self, grant)
+            yield Permit(self, grant, entry)
 
 
 class CircuitBreaker:
