@@ -480,7 +480,9 @@ def db_upgrade(db_: str) -> None:
             await store.close()
 
     head = _arun(go)
-    click.echo(f"database {db_} is at revision {head}")
+    from pipeline.spec import db_display
+
+    click.echo(f"database {db_display(db_)} is at revision {head}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,7 @@ from pipeline.inputs import RowSource
 from pipeline.outputs import write_jsonl, write_parquet
 from pipeline.pricing import PriceBook, usd
 from pipeline.records import Usage
-from pipeline.spec import JobSpec, db_url
+from pipeline.spec import JobSpec, db_display, db_url
 from pipeline.store.db import Store, utcnow
 from pipeline.tokens import estimate_prompt_tokens
 from pipeline.worker import DEFAULT_OUTPUT_RESERVE
@@ -28,7 +28,7 @@ def _exists(db: str) -> bool:
 
 async def _open(db: str) -> Store:
     if not _exists(db):
-        raise RunStateError(f"database {db} not found (pass --db PATH, or run a job first)")
+        raise RunStateError(f"database {db_display(db)} not found (pass --db PATH, or run a job first)")
     return await Store.open(db_url(db))
 
 

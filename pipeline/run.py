@@ -39,7 +39,7 @@ from pipeline.pricing import PriceBook, picousd, usd
 from pipeline.progress import Counters, Display
 from pipeline.recorder import Claim, Recorder
 from pipeline.records import Outcome
-from pipeline.spec import JobSpec, MockSpec, resolve_api_key
+from pipeline.spec import JobSpec, MockSpec, db_display, resolve_api_key
 from pipeline.store.db import DuplicateRequestId, Store, utcnow
 from pipeline.transport import AiohttpTransport
 from pipeline.worker import EndpointState, Route, Task, Worker
@@ -154,7 +154,7 @@ async def execute(
         counters = Counters(total=sum(before.get(s, 0) for s in states))
         recorder = Recorder(store, run_id, parts=parts, counters=counters)
         await store.update_run(run_id, state="running", started_at=utcnow(), error=None)
-        log.info("run %s: %d requests to send (database %s)", run_id, counters.total, spec.db)
+        log.info("run %s: %d requests to send (database %s)", run_id, counters.total, db_display(spec.db))
         plan = _Dispatch(
             run_id=run_id,
             states=states,
@@ -191,7 +191,7 @@ async def execute(
             counts=counts,
             message=message,
             results=out_dir / "results.parquet",
-            db=spec.db,
+            db=db_display(spec.db),
             sent=recorder.recorded,
             totals=totals,
         )

@@ -243,6 +243,19 @@ class JobSpec:
         }
 
 
+def db_display(db: str) -> str:
+    """The database as it may be shown (logs, messages): a URL's password hidden."""
+    if "://" not in db:
+        return db
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(db).render_as_string(hide_password=True)
+    except ArgumentError:
+        return db.split("@")[-1]
+
+
 def db_url(db: str) -> str:
     """A database flag is a path to a SQLite file or a SQLAlchemy URL."""
     if "://" in db:

@@ -98,9 +98,12 @@ input = 0.15
 output = 0.6
 """
     )
-    args = ["run", str(spec), "--db", pg_url, "--out", "out", "-q"]
+    # trust auth ignores the password: it stands for a real one that must never be shown
+    secret_url = pg_url.replace("postgres@", "postgres:s3cret-pw@")
+    args = ["run", str(spec), "--db", secret_url, "--out", "out"]
     r = cli(*args)
     assert r.exit_code == 0, r.stderr
+    assert "s3cret-pw" not in r.stdout + r.stderr and "postgres:***@" in r.stdout
     again = cli(*args)
     assert again.exit_code == 0 and server.stats().completions == 30
     status = orjson.loads(cli("status", "--db", pg_url, "--json").stdout)
