@@ -132,14 +132,18 @@ class Bucket:
             self._tat = max(self._tat, now) + amount * self._interval
             return grant
 
-    def settle(self, grant: _Grant, actual: float) -> None:
-        """Replace a reservation with what was really used (may give units back)."""
+    def settle(self, grant: _Grant, actual: float, *, keep_pace: bool = False) -> None:
+        """Replace a reservation with what was really used (may give units back).
+
+        ``keep_pace``: give the units back to the window but not to the pacing, so a refused
+        request (a 429) does not let the next one through at once."""
         actual = min(max(0.0, float(actual)), self.limit)
         delta = actual - grant.amount
         grant.amount = actual
         if grant.live:
             self._used += delta
-        self._tat += delta * self._interval
+        if not (keep_pace and delta < 0):
+            self._tat += delta * self._interval
 
 
 @dataclass
@@ -154,7 +158,8 @@ class Permit:
         if self.entry is not None and total_tokens is not None:
             self.entry[1] = total_tokens
         if self.tokens is not None and self.limiter.tpm is not None and total_tokens is not None:
-            self.limiter.tpm.settle(self.tokens, total_tokens)
+            # 0 means refused (a 429): the provider counted nothing, but keep the pace.
+            self.limiter.tpm.settle(self.tokens, total_tokens, keep_pace=total_tokens == 0)
 
 
 class RouteLimiter:
@@ -256,6 +261,10 @@ class RouteLimiter:
             grant = None
             if self.tpm is not None:
                 grant = await self.tpm.acquire(tokens() if callable(tokens) else tokens)
+            # A 429 that arrived while this request waited its turn applies to it too.
+            wait = self._cooldown_until - self._clock()
+            if wait > 0:
+                await self._sleep(wait)
             entry = [self._clock(), None]
             self._recent.append(entry)
             self._granted_last_minute()

@@ -386,3 +386,28 @@ def test_a_disabled_breaker_never_opens() -> None:
     for _ in range(50):
         b.record(False)
     assert b.allow()
+
+
+@pytest.mark.anyio
+async def test_a_429_arriving_while_a_request_waits_its_turn_still_delays_it() -> None:
+    """The cooldown is checked again once the request's turn comes, not only before it queues."""
+    limiter, clock = route(LimitsSpec(rpm=60, concurrency=4))
+    await _take(limiter, 1)  # the next grant is paced a second later
+
+    async def refuse_meanwhile() -> None:
+        await anyio.lowlevel.checkpoint()
+        limiter.cool_down(5.0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(refuse_meanwhile)
+        await _take(limiter, 1)
+    assert clock.now >= 5.0
+
+
+def test_a_refused_request_gives_its_tokens_back_but_not_its_pace() -> None:
+    """settle(0) after a 429 frees the window's units while the pacing stays where it was."""
+    b, _ = bucket(600)
+    grant = anyio.run(b.acquire, 100.0)
+    tat = b._tat
+    b.settle(grant, 0, keep_pace=True)
+    assert b.used == 0 and b._tat == tat
