@@ -58,7 +58,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -97,7 +97,6 @@ PRICE_OUTPUT_PER_MTOK = 4.00
 _T = TypeVar("_T")
 _WINDOW_S = 60.0
 _MAX_BODY = 64 * 1024 * 1024
-_PIECE_CHARS = 16
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
@@ -775,52 +774,6 @@ def _completion(answer: _Answer, plan: _Plan, config: MockConfig) -> dict[str, A
     }
 
 
-def _sse_events(answer: _Answer, plan: _Plan, config: MockConfig, include_usage: bool) -> Iterator[bytes]:
-    """The ``data:`` events of a streamed answer, ``[DONE]`` excluded."""
-    head: dict[str, Any] = {
-        "id": answer.id,
-        "object": "chat.completion.chunk",
-        "created": answer.created,
-        "model": answer.model,
-        "service_tier": "default",
-        "system_fingerprint": "fp_mock",
-    }
-    tail: dict[str, Any] = {"usage": None} if include_usage else {}
-    for index, choice in enumerate(plan.choices):
-        for delta, finish in _deltas(choice, answer.call_ids[index]):
-            entry = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-            yield _event({**head, "choices": [entry], **tail})
-    if include_usage:
-        yield _event({**head, "choices": [], "usage": _usage(plan, config)})
-
-
-def _event(chunk: Mapping[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-
-def _deltas(choice: _Choice, call_id: str) -> Iterator[tuple[dict[str, Any], str | None]]:
-    if choice.tool_name is not None:
-        function = {"name": choice.tool_name, "arguments": ""}
-        call = {"index": 0, "id": call_id, "type": "function", "function": function}
-        yield {"role": "assistant", "content": None, "tool_calls": [call]}, None
-    else:
-        yield {"role": "assistant", "content": ""}, None
-    for piece in _pieces(choice.reasoning or ""):
-        yield {"content": "", "reasoning": piece}, None
-    if choice.tool_name is not None:
-        for piece in _pieces(choice.arguments or ""):
-            yield {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None
-    else:
-        for piece in _pieces(choice.content or ""):
-            yield {"content": piece}, None
-    yield {}, choice.finish_reason
-
-
-def _pieces(text: str) -> Iterator[str]:
-    for start in range(0, len(text), _PIECE_CHARS):
-        yield text[start : start + _PIECE_CHARS]
-
-
 # --------------------------------------------------------------------------- rate limits
 
 
@@ -1076,7 +1029,8 @@ class _Provider:
         """Headers promising the whole answer, half of its bytes, then the connection closes."""
         response = web.StreamResponse(headers=self._headers(started))
         if chat.stream:
-            events = list(_sse_events(answer, plan, self.config, chat.include_usage))
+            usage = _usage(plan, self.config) if chat.include_usage else None
+            events = stream_faults.render(answer, plan, usage, self.config.streaming.chunk_chars)
             events.append(b"data: [DONE]\n\n")
             body = b"".join(events[: max(1, len(events) // 2)])
             response.content_type = "text/event-stream"  # chunked: the end chunk never comes
