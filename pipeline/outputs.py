@@ -27,7 +27,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.pricing import PICO_PER_USD
+from pipeline.pricing import usd, usd_text
 from pipeline.records import Outcome
 
 __all__ = ["RESULT_SCHEMA", "PartWriter", "outcome_result", "write_jsonl", "write_parquet"]
@@ -61,10 +61,6 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 _RESULT_NAMES = frozenset(RESULT_SCHEMA.names)
-
-
-def _money(pico: int | None) -> Decimal | None:
-    return None if pico is None else Decimal(pico) / PICO_PER_USD
 
 
 def outcome_result(o: Outcome) -> dict[str, Any]:
@@ -112,13 +108,13 @@ def _result_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     for r in rows:
         for name in RESULT_SCHEMA.names:
             if name == "cost_usd":
-                cols[name].append(_money(r.get("cost_picousd")))
+                cols[name].append(usd(r.get("cost_picousd")))
             elif name == "choices":
                 cols[name].append(r.get("choices_json"))
             elif name == "reported_cost_usd":
                 v = r.get("reported_cost_usd")
                 if v is None and r.get("reported_cost_picousd") is not None:
-                    v = _money(r["reported_cost_picousd"])
+                    v = usd(r["reported_cost_picousd"])
                 cols[name].append(v)
             else:
                 cols[name].append(r.get(name))
@@ -350,8 +346,8 @@ def batch_output_line(r: Mapping[str, Any]) -> dict[str, Any]:
         "completion_tokens": r.get("completion_tokens"),
         "cached_tokens": r.get("cached_tokens"),
         "reasoning_tokens": r.get("reasoning_tokens"),
-        "cost_usd": _text_money(r.get("cost_picousd")),
-        "reported_cost_usd": _text_money(r.get("reported_cost_picousd")),
+        "cost_usd": usd_text(r.get("cost_picousd")),
+        "reported_cost_usd": usd_text(r.get("reported_cost_picousd")),
     }
     return {
         "id": line_id,
@@ -360,8 +356,3 @@ def batch_output_line(r: Mapping[str, Any]) -> dict[str, Any]:
         "error": error,
         "billing": billing,
     }
-
-
-def _text_money(pico: int | None) -> str | None:
-    v = _money(pico)
-    return None if v is None else format(v.normalize(), "f")

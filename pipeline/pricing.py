@@ -20,7 +20,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from pipeline.records import Usage
 from pipeline.spec import ModelPrice
 
-__all__ = ["PICO_PER_USD", "Cost", "PriceBook", "picousd", "usd"]
+__all__ = ["PICO_PER_USD", "Cost", "PriceBook", "picousd", "usd", "usd_text"]
 
 log = logging.getLogger(__name__)
 PICO_PER_USD = Decimal(10) ** 12
@@ -33,6 +33,15 @@ def picousd(dollars: Decimal) -> int:
 
 def usd(pico: int | None) -> Decimal | None:
     return None if pico is None else Decimal(pico) / PICO_PER_USD
+
+
+def usd_text(pico: int | None) -> str | None:
+    """Exact USD as plain text: picodollar precision, trailing zeros dropped, never an exponent."""
+    v = usd(pico)
+    if v is None:
+        return None
+    text = f"{v:.12f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import anyio
 from pipeline.errors import RunStateError
 from pipeline.inputs import RowSource
 from pipeline.outputs import write_jsonl, write_parquet
-from pipeline.pricing import PriceBook, usd
+from pipeline.pricing import PriceBook, usd_text
 from pipeline.records import Usage
 from pipeline.spec import JobSpec, db_display, db_url
 from pipeline.store.db import Store, utcnow
@@ -55,8 +54,6 @@ async def status(db: str, run_id: str | None) -> dict[str, Any]:
         totals = await store.usage_totals(rid)
     finally:
         await store.close()
-    cost = usd(totals.get("cost_picousd"))
-    reported = usd(totals.get("reported_cost_picousd"))
     return {
         "run_id": rid,
         "job": run["job"],
@@ -69,8 +66,8 @@ async def status(db: str, run_id: str | None) -> dict[str, Any]:
         "completion_tokens": totals.get("completion_tokens") or 0,
         "cached_tokens": totals.get("cached_tokens") or 0,
         "reasoning_tokens": totals.get("reasoning_tokens") or 0,
-        "cost_usd": None if cost is None else str(cost.normalize() if cost else Decimal(0)),
-        "reported_cost_usd": None if reported is None else str(reported),
+        "cost_usd": usd_text(totals.get("cost_picousd")),
+        "reported_cost_usd": usd_text(totals.get("reported_cost_picousd")),
         "unpriced_attempts": totals.get("unpriced_attempts") or 0,
         "created_at": _iso(run["created_at"]),
         "finished_at": _iso(run["finished_at"]),
@@ -140,21 +137,13 @@ async def report(db: str, by: str, since: str | None) -> tuple[Sequence[str], li
     for r in rows:
         r = dict(r)
         for name in ("cost", "reported_cost", "difference"):
-            r[f"{name}_usd"] = _money(r.pop(f"{name}_picousd"))
+            pico = r.pop(f"{name}_picousd")
+            r[f"{name}_usd"] = usd_text(None if pico is None else int(pico))
         for name in ("avg_latency_ms", "avg_ttft_ms", "avg_output_tokens_per_s"):
             r[name] = None if r[name] is None else round(float(r[name]), 1)
         out.append(r)
     cols = list(out[0]) if out else [*labels, "requests", "attempts", "cost_usd"]
     return cols, out
-
-
-def _money(pico: Any) -> str | None:
-    """Exact USD as text (picodollar precision, trailing zeros dropped)."""
-    v = usd(None if pico is None else int(pico))
-    if v is None:
-        return None
-    text = f"{v:.12f}".rstrip("0")
-    return text + "0" if text.endswith(".") else text
 
 
 async def estimate(spec: JobSpec) -> dict[str, Any]:
@@ -184,7 +173,7 @@ async def estimate(spec: JobSpec) -> dict[str, Any]:
 
         def price(p: int, c: int, model: str = r.model, prov: str | None = provider) -> str | None:
             cost = prices.cost(model, Usage(prompt=p, completion=c, total=p + c), provider=prov, at=now)
-            return _money(cost.picousd)
+            return usd_text(cost.picousd)
 
         routes.append(
             {
