@@ -8,7 +8,6 @@ Callers catch at the level they care about::
     │   ├── InputError                 a row of the input file is wrong (names file, line/row, field)
     │   └── RunStateError              the run cannot go on as asked (changed input, unknown run, ...)
     ├── StorageError                   the database or the output folder cannot be written or read
-    ├── RunAborted                     the run stopped on purpose (e.g. every route refused our key)
     └── RequestError                   one attempt at one request failed; carries what the audit needs
         ├── TransportError             no usable HTTP answer: connect error, timeout, reset, cut body
         ├── InvalidResponse            an HTTP 200 whose body is not a usable chat.completion
@@ -34,7 +33,6 @@ __all__ = [
     "PipelineError",
     "RateLimited",
     "RequestError",
-    "RunAborted",
     "RunStateError",
     "ServerError",
     "SpecError",
@@ -85,14 +83,6 @@ class StorageError(PipelineError):
     """The database or output folder failed; the run is left resumable."""
 
     exit_code = 1
-
-
-class RunAborted(PipelineError):
-    """The run was stopped on purpose before finishing; what is done is recorded."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        self.exit_code = exit_code
-        super().__init__(message)
 
 
 class RequestError(PipelineError):
