@@ -189,6 +189,11 @@ def run(spec: Path | None, retry_failed: bool, quiet: bool, verbose: bool, **kw:
         return await execute(job, display=make_display(quiet=quiet), retry_failed=retry_failed)
 
     summary = _arun(go)
+    _print_summary(summary)
+    sys.exit(summary.exit_code)
+
+
+def _print_summary(summary: Any) -> None:
     c = summary.counts
     click.echo(
         f"run {summary.run_id}: {summary.state}; {c.get('succeeded', 0)} succeeded, "
@@ -197,7 +202,92 @@ def run(spec: Path | None, retry_failed: bool, quiet: bool, verbose: bool, **kw:
     if summary.message:
         click.echo(summary.message, err=True)
     click.echo(f"database: {summary.db}   results: {summary.results}")
-    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(path_type=Path))
+@_run_options
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def submit(spec: Path | None, verbose: bool, **kw: Any) -> None:
+    """Load a run's requests into the database for workers (send nothing).
+
+    Use a database server shared by the workers (--db postgresql+asyncpg://...). Rows are
+    checked and loaded in batches, in one transaction; submitting again finds them loaded.
+    Then start any number of 'pipeline worker' processes, on any machines.
+    """
+    _setup_logging(verbose)
+
+    async def go() -> Any:
+        from pipeline.run import submit as submit_run
+        from pipeline.spec import load_spec
+
+        return await submit_run(load_spec(spec, _overrides(kw)))
+
+    s = _arun(go)
+    n = sum(s.counts.values())
+    how = "already loaded" if s.already_loaded else "loaded"
+    left = s.counts.get("pending", 0) + s.counts.get("in_flight", 0)
+    click.echo(f"run {s.run_id}: {how}, {n} requests ({left} to send); database: {s.db}")
+    click.echo(f"start workers with: pipeline worker --db URL --run {s.run_id}")
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(path_type=Path))
+@click.option("--db", default="pipeline.db", show_default=True, help="Database URL (PostgreSQL).")
+@click.option("--run", "run_id", help="Work on this run only (default: every submitted run with work left).")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: the run's).")
+@click.option(
+    "--lease-s",
+    type=click.FloatRange(min=1.0),
+    default=60.0,
+    show_default=True,
+    help="How long a claim lasts unless renewed: a dead worker's requests go to others after it.",
+)
+@click.option("--retry-failed", is_flag=True, help="Also send again the requests that ended failed.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def worker(
+    spec: Path | None,
+    db: str,
+    run_id: str | None,
+    out: Path | None,
+    lease_s: float,
+    retry_failed: bool,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Claim and send requests of submitted runs until none is left.
+
+    Any number of workers may share a run: each claims batches (SELECT ... FOR UPDATE SKIP
+    LOCKED) under a lease it renews; rate limits and the budget hold for their sum. SPEC, if
+    given, replaces the sending setup stored with the run (e.g. endpoint headers). API keys
+    come from this machine's environment.
+    """
+    _setup_logging(verbose)
+
+    async def go() -> Any:
+        from pipeline.progress import make_display
+        from pipeline.run import work
+        from pipeline.spec import load_spec
+
+        job = None if spec is None else load_spec(spec, {"db": db}, need_input=False)
+        return await work(
+            db,
+            run_id=run_id,
+            spec=job,
+            out=out,
+            display=make_display(quiet=quiet),
+            retry_failed=retry_failed,
+            lease_s=lease_s,
+        )
+
+    summaries = _arun(go)
+    if not summaries:
+        click.echo("no submitted run has requests left to send")
+        sys.exit(0)
+    for summary in summaries:
+        _print_summary(summary)
+    sys.exit(max(s.exit_code for s in summaries))
 
 
 @main.command()

@@ -26,14 +26,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
 from pipeline.records import RateInfo
 from pipeline.spec import BreakerSpec, LimitsSpec
 
-__all__ = ["Bucket", "CircuitBreaker", "Permit", "RouteLimiter"]
+__all__ = ["Bucket", "CircuitBreaker", "Permit", "RouteLimiter", "SharedLimit"]
 
 LEARNED_MARGIN = 0.97  # run a learned limit a little under the provider's
 # A provider's per-minute window, seen from here: 1% longer than a minute, so that requests
@@ -43,6 +43,16 @@ WINDOW_S = 60.6
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+class SharedLimit(Protocol):
+    """A route's limits shared with other processes (see :mod:`pipeline.shared`)."""
+
+    def bucket(self, kind: str, limit: float, clock: Clock, sleep: Sleep) -> Bucket: ...
+
+    def publish(
+        self, *, cooldown_s: float = 0.0, rpm: float | None = None, tpm: float | None = None
+    ) -> None: ...
 
 
 class _Grant:
@@ -166,12 +176,18 @@ class RouteLimiter:
     """Every limit of one route: concurrency, RPM, TPM and a cooldown shared by its requests."""
 
     def __init__(
-        self, limits: LimitsSpec, *, clock: Clock = time.monotonic, sleep: Sleep = anyio.sleep
+        self,
+        limits: LimitsSpec,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = anyio.sleep,
+        shared: SharedLimit | None = None,
     ) -> None:
         self.limits = limits
         self.capacity = anyio.CapacityLimiter(limits.concurrency)
-        self.rpm = Bucket(limits.rpm, WINDOW_S, clock=clock, sleep=sleep) if limits.rpm else None
-        self.tpm = Bucket(limits.tpm, WINDOW_S, clock=clock, sleep=sleep) if limits.tpm else None
+        self.shared = shared  # other processes send on the same limits: book through it
+        self.rpm = self._bucket("requests", limits.rpm, clock, sleep) if limits.rpm else None
+        self.tpm = self._bucket("tokens", limits.tpm, clock, sleep) if limits.tpm else None
         self.learned_rpm: float | None = None  # what the provider told us, when not configured
         self.learned_tpm: float | None = None
         self._clock = clock
@@ -181,9 +197,17 @@ class RouteLimiter:
         # so that a limit learned later starts from what the provider has already counted.
         self._recent: deque[list[Any]] = deque()
 
-    def cool_down(self, seconds: float) -> None:
-        """A 429 slows the whole route, not only the request that saw it."""
+    def _bucket(self, kind: str, limit: float, clock: Clock, sleep: Sleep) -> Bucket:
+        if self.shared is not None:
+            return self.shared.bucket(kind, limit, clock, sleep)
+        return Bucket(limit, WINDOW_S, clock=clock, sleep=sleep)
+
+    def cool_down(self, seconds: float, *, publish: bool = True) -> None:
+        """A 429 slows the whole route (every process on it, when shared), not only the
+        request that saw it."""
         self._cooldown_until = max(self._cooldown_until, self._clock() + seconds)
+        if publish and self.shared is not None and seconds > 0:
+            self.shared.publish(cooldown_s=seconds)
 
     @property
     def in_flight(self) -> int:
@@ -195,23 +219,27 @@ class RouteLimiter:
             self._recent.popleft()
         return len(self._recent)
 
-    def _learn_rpm(self, limit: float) -> None:
+    def _learn_rpm(self, limit: float, *, publish: bool = True) -> None:
         if self.limits.rpm or limit <= 0:
             return
         target = max(1.0, limit * LEARNED_MARGIN)
+        if publish and self.shared is not None and self.learned_rpm != target:
+            self.shared.publish(rpm=limit)
         if self.rpm is None:
-            self.rpm = Bucket(target, WINDOW_S, clock=self._clock, sleep=self._sleep)
+            self.rpm = self._bucket("requests", target, self._clock, self._sleep)
             self.rpm.seed((t, 1.0) for t, _ in self._recent)
         elif abs(self.rpm.limit - target) > 0.01 * target:
             self.rpm.set_limit(target)
         self.learned_rpm = target
 
-    def _learn_tpm(self, limit: float) -> None:
+    def _learn_tpm(self, limit: float, *, publish: bool = True) -> None:
         if self.limits.tpm or limit <= 0:
             return
         target = max(1.0, limit * LEARNED_MARGIN)
+        if publish and self.shared is not None and self.learned_tpm != target:
+            self.shared.publish(tpm=limit)
         if self.tpm is None:
-            self.tpm = Bucket(target, WINDOW_S, clock=self._clock, sleep=self._sleep)
+            self.tpm = self._bucket("tokens", target, self._clock, self._sleep)
             self._granted_last_minute()
             known = [n for _, n in self._recent if n is not None]
             usual = sum(known) / len(known) if known else 0.0  # requests still in flight
@@ -219,6 +247,15 @@ class RouteLimiter:
         elif abs(self.tpm.limit - target) > 0.01 * target:
             self.tpm.set_limit(target)
         self.learned_tpm = target
+
+    def apply_news(self, cooldown_s: float, rpm: float | None, tpm: float | None) -> None:
+        """What other processes on the route saw: a 429's cooldown, limits they learned."""
+        if cooldown_s > 0:
+            self.cool_down(cooldown_s, publish=False)
+        if rpm:
+            self._learn_rpm(rpm, publish=False)
+        if tpm:
+            self._learn_tpm(tpm, publish=False)
 
     def observe(self, rate: RateInfo | None) -> None:
         """Read the provider's rate-limit headers: learn limits, wait out an empty window."""

@@ -226,7 +226,7 @@ async def write_parquet(
             if recs:
                 typer.observe(recs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers may finish together
     writer: pq.ParquetWriter | None = None
     n = 0
     try:
@@ -297,7 +297,7 @@ class PartWriter:
 async def write_jsonl(pages: AsyncIterator[list[dict[str, Any]]], path: Path) -> int:
     """OpenAI Batch API output lines: {"id", "custom_id", "response", "error"}, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers may finish together
     n = 0
     try:
         with tmp.open("wb") as f:

@@ -30,6 +30,10 @@ class Budget:
         self.reserved_picousd += worst_picousd
         return True
 
+    async def acquire(self, worst_picousd: int) -> bool:
+        """:meth:`reserve`, for budgets that may first have to ask the database for more."""
+        return self.reserve(worst_picousd)
+
     def settle(self, reserved_picousd: int, actual_picousd: int) -> None:
         self.reserved_picousd -= reserved_picousd
         self.spent_picousd += actual_picousd

@@ -46,8 +46,10 @@ class Recorder:
         counters: Counters,
         batch_size: int = 1000,
         max_delay: float = 0.2,
+        owner: str | None = None,
     ) -> None:
         self.store = store
+        self.owner = owner  # the worker's id, when several workers share the run
         self.run_id = run_id
         self.parts = parts
         self.counters = counters
@@ -98,10 +100,11 @@ class Recorder:
 
     async def commit(self, batch: list[Outcome]) -> None:
         with anyio.CancelScope(shield=True):  # a received outcome is never dropped half-way
-            await self.store.record_outcomes(self.run_id, batch)
+            kept = await self.store.record_outcomes(self.run_id, batch, owner=self.owner)
             self.commits += 1
             self.recorded += len(batch)
-            finished = [o for o in batch if o.state != "pending"]
+            # ``kept``: another worker's answer was recorded first; ours is only billed
+            finished = [o for o in batch if o.state != "pending" and o.custom_id not in kept]
             for o in finished:
                 if o.state == "succeeded":
                     self.counters.succeeded += 1

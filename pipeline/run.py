@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -30,7 +31,7 @@ import orjson
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from pipeline.client import ChatClient
-from pipeline.errors import InputError, RunStateError, SpecError
+from pipeline.errors import InputError, RunStateError, SpecError, StorageError
 from pipeline.inputs import Row, RowSource, file_sha256
 from pipeline.limits import CircuitBreaker, RouteLimiter
 from pipeline.outputs import PartWriter, write_parquet
@@ -39,17 +40,19 @@ from pipeline.pricing import PriceBook, picousd, usd
 from pipeline.progress import Counters, Display
 from pipeline.recorder import Claim, Recorder
 from pipeline.records import Outcome
-from pipeline.spec import JobSpec, MockSpec, db_display, resolve_api_key
+from pipeline.shared import RateNews, SharedBudget, new_worker_id, pid_alive, this_host
+from pipeline.spec import JobSpec, MockSpec, RouteSpec, db_display, resolve_api_key
 from pipeline.store.db import DuplicateRequestId, Store, utcnow
 from pipeline.transport import AiohttpTransport
 from pipeline.worker import EndpointState, Route, Task, Worker
 
-__all__ = ["RunSummary", "execute", "results_dir"]
+__all__ = ["RunSummary", "SubmitSummary", "execute", "results_dir", "submit", "work"]
 
 log = logging.getLogger("pipeline")
 FINAL_STATES = ("succeeded", "failed", "rejected")
 SUBMIT_BATCH = 1000
 FEED_PAGE = 1000
+DEFAULT_LEASE_S = 60.0  # a worker's claims last this long unless renewed (every quarter of it)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,15 @@ class RunSummary:
     totals: Mapping[str, int | None] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SubmitSummary:
+    run_id: str
+    job: str
+    counts: Mapping[str, int]
+    already_loaded: bool
+    db: str
+
+
 def results_dir(out: Path, job: str, run_id: str) -> Path:
     return out / job / run_id
 
@@ -78,128 +90,313 @@ async def execute(
     retry_failed: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
     handle_signals: bool = True,
+    lease_s: float = DEFAULT_LEASE_S,
 ) -> RunSummary:
-    """Run (or resume) a job to its end. Raises UserError before anything is sent."""
-    # Keys first: a missing key must stop us before the database is touched.
+    """Run (or resume) a job to its end: submit, then work. Raises UserError before anything
+    is sent. On a database shared by several workers (PostgreSQL) this process is one more
+    worker: it claims leases like ``pipeline worker`` does."""
+    keys = _keys(spec, environ)  # a missing key must stop us before the database is touched
+    source = _source(spec)
+    input_hash = await anyio.to_thread.run_sync(file_sha256, spec.input.path)
+    async with AsyncExitStack() as stack:
+        store = await Store.open(spec.db_url)
+        stack.push_async_callback(store.close)
+        run_id = await _load(store, spec, source, input_hash)
+        return await _session(
+            stack,
+            store,
+            spec,
+            run_id,
+            keys,
+            display=display,
+            retry_failed=retry_failed,
+            transport=transport,
+            handle_signals=handle_signals,
+            lease_s=lease_s,
+        )
+    raise AssertionError("unreachable")  # pragma: no cover (AsyncExitStack does not swallow)
+
+
+async def submit(spec: JobSpec) -> SubmitSummary:
+    """Load a run's requests into the database, for workers to send. Idempotent: a rerun
+    with the same input finds them loaded; a changed input is refused as ``run`` refuses it."""
+    source = _source(spec)
+    input_hash = await anyio.to_thread.run_sync(file_sha256, spec.input.path)
+    store = await Store.open(spec.db_url)
+    try:
+        existing = await store.get_run(spec.run_id or spec.job)
+        already = existing is not None and bool(existing["loaded"]) and not spec.new_run
+        run_id = await _load(store, spec, source, input_hash)
+        if not already:
+            await store.update_run(run_id, state="submitted")
+        counts = await store.state_counts(run_id)
+    finally:
+        await store.close()
+    return SubmitSummary(
+        run_id=run_id, job=spec.job, counts=counts, already_loaded=already, db=db_display(spec.db)
+    )
+
+
+async def work(
+    db: str,
+    *,
+    run_id: str | None = None,
+    spec: JobSpec | None = None,
+    out: Path | None = None,
+    display: Display | None = None,
+    environ: Mapping[str, str] | None = None,
+    retry_failed: bool = False,
+    handle_signals: bool = True,
+    lease_s: float = DEFAULT_LEASE_S,
+) -> list[RunSummary]:
+    """``pipeline worker``: claim and send requests of submitted runs until none is left.
+
+    ``run_id`` None: every loaded run with requests left, oldest first. ``spec`` (a spec
+    file) overrides the sending setup stored with the run (endpoints, limits, retries...).
+    """
+    from pipeline.spec import db_url, spec_from_record
+
+    store = await Store.open(db_url(db))
+    summaries: list[RunSummary] = []
+    try:
+        if not store.shared:
+            raise RunStateError(
+                f"database {db_display(db)}: workers share a run through a database server; "
+                "use PostgreSQL (--db postgresql+asyncpg://...), or 'pipeline run' with SQLite"
+            )
+        done: set[str] = set()
+        while True:
+            row = await _next_run(store, run_id, retry_failed, done)
+            if row is None:
+                break
+            done.add(row["run_id"])
+            stored = orjson.loads(row["spec_json"])
+            if spec is not None and spec.job != row["job"]:
+                raise RunStateError(f"run {row['run_id']!r} belongs to job {row['job']!r}, not {spec.job!r}")
+            run_spec = spec or spec_from_record(stored, db=db, out=out or Path(stored.get("out") or "out"))
+            if out is not None:
+                run_spec = replace(run_spec, out=out)
+            run_spec = replace(run_spec, db=db)
+            keys = _keys(run_spec, environ)
+            async with AsyncExitStack() as stack:
+                summaries.append(
+                    await _session(
+                        stack,
+                        store,
+                        run_spec,
+                        row["run_id"],
+                        keys,
+                        display=display,
+                        retry_failed=retry_failed,
+                        transport=None,
+                        handle_signals=handle_signals,
+                        lease_s=lease_s,
+                    )
+                )
+            if summaries[-1].state == "interrupted" or run_id is not None:
+                break
+    finally:
+        await store.close()
+    return summaries
+
+
+async def _next_run(
+    store: Store, run_id: str | None, retry_failed: bool, done: set[str]
+) -> dict[str, Any] | None:
+    if run_id is not None:
+        row = await store.get_run(run_id)
+        if row is None or not row["loaded"]:
+            raise RunStateError(
+                f"no submitted run {run_id!r} in the database (load it with 'pipeline submit SPEC')"
+            )
+        return row
+    states = ("pending", "in_flight", "failed") if retry_failed else ("pending", "in_flight")
+    for row in await store.list_runs():
+        if row["run_id"] in done or not row["loaded"] or row["state"] == "rejected":
+            continue
+        counts = await store.state_counts(row["run_id"])
+        if any(counts.get(st) for st in states):
+            return row
+    return None
+
+
+def _keys(spec: JobSpec, environ: Mapping[str, str] | None) -> dict[str, str | None]:
     used = {r.endpoint for r in spec.routes}
-    keys = {name: resolve_api_key(spec.endpoints[name], environ) for name in used}
-    source = RowSource(
+    return {name: resolve_api_key(spec.endpoints[name], environ) for name in used}
+
+
+def _source(spec: JobSpec) -> RowSource:
+    return RowSource(
         spec.input,
         template=spec.template,
         defaults=spec.request_defaults,
         models=frozenset(r.model for r in spec.routes),
     )
-    input_hash = await anyio.to_thread.run_sync(file_sha256, spec.input.path)
+
+
+async def _load(store: Store, spec: JobSpec, source: RowSource, input_hash: str) -> str:
+    """Create the run (or find it) and load its requests once; returns the run id."""
     run_id = spec.run_id or spec.job
+    existing = await store.get_run(run_id)
+    if spec.new_run and existing is not None:
+        run_id = await _fresh_run_id(store, run_id)
+        existing = None
+    if existing is not None and existing["job"] != spec.job:
+        raise RunStateError(f"run id {run_id!r} belongs to job {existing['job']!r}; choose another --run-id")
+    if existing is not None and existing["loaded"] and existing["input_sha256"] != input_hash:
+        what = await _first_change(store, run_id, source)
+        raise RunStateError(
+            f"{spec.input.path}: the input changed since run {run_id!r} loaded it ({what}); "
+            "pass --new-run to start a fresh run, or --run-id NAME"
+        )
+    if existing is None:
+        await store.create_run(
+            run_id=run_id,
+            job=spec.job,
+            spec_json=orjson.dumps(spec.redacted()).decode(),
+            input_path=str(spec.input.path),
+            input_sha256=input_hash,
+            state="created",
+        )
+    if existing is None or not existing["loaded"]:
+        await store.update_run(run_id, input_sha256=input_hash)
+        try:
+            await _submit(store, spec, run_id, source)
+        except InputError as exc:
+            await store.update_run(
+                run_id, state="rejected", error=str(exc), exit_code=2, finished_at=utcnow()
+            )
+            raise
+    return run_id
 
-    async with AsyncExitStack() as stack:
-        store = await Store.open(spec.db_url)
-        stack.push_async_callback(store.close)
-        existing = await store.get_run(run_id)
-        if spec.new_run and existing is not None:
-            run_id = await _fresh_run_id(store, run_id)
-            existing = None
-        if existing is not None and existing["job"] != spec.job:
-            raise RunStateError(
-                f"run id {run_id!r} belongs to job {existing['job']!r}; choose another --run-id"
-            )
-        if existing is not None and existing["loaded"] and existing["input_sha256"] != input_hash:
-            what = await _first_change(store, run_id, source)
-            raise RunStateError(
-                f"{spec.input.path}: the input changed since run {run_id!r} loaded it ({what}); "
-                "pass --new-run to start a fresh run, or --run-id NAME"
-            )
-        if existing is None:
-            await store.create_run(
-                run_id=run_id,
-                job=spec.job,
-                spec_json=orjson.dumps(spec.redacted()).decode(),
-                input_path=str(spec.input.path),
-                input_sha256=input_hash,
-                state="created",
-            )
-        if existing is None or not existing["loaded"]:
-            await store.update_run(run_id, input_sha256=input_hash)
-            try:
-                await _submit(store, spec, run_id, source)
-            except InputError as exc:
-                await store.update_run(
-                    run_id, state="rejected", error=str(exc), exit_code=2, finished_at=utcnow()
-                )
-                raise
 
-        states = ("pending", "in_flight", "failed") if retry_failed else ("pending", "in_flight")
-        out_dir = results_dir(spec.out, spec.job, run_id)
-        keep = spec.template.keep_columns if spec.template else None
+async def _session(
+    stack: AsyncExitStack,
+    store: Store,
+    spec: JobSpec,
+    run_id: str,
+    keys: Mapping[str, str | None],
+    *,
+    display: Display | None,
+    retry_failed: bool,
+    transport: httpx.AsyncBaseTransport | None,
+    handle_signals: bool,
+    lease_s: float,
+) -> RunSummary:
+    """Send what is left of one run. Alone on SQLite; one of many workers on PostgreSQL."""
+    states = ("pending", "in_flight", "failed") if retry_failed else ("pending", "in_flight")
+    out_dir = results_dir(spec.out, spec.job, run_id)
+    keep = spec.template.keep_columns if spec.template else None
+    records = spec.template is not None or bool(spec.input.messages_column or spec.input.body_column)
+    lease = _Lease(new_worker_id(), lease_s) if store.shared else None
+    if lease is None:
         # What earlier sessions finished goes in results.parquet; this session's go in parts.
         finished_before = [s for s in FINAL_STATES if s not in states]
         parts = PartWriter(out_dir / "parts", keep_columns=keep)
         parts.clear()
-        records = spec.template is not None or bool(spec.input.messages_column or spec.input.body_column)
         await _write_results(store, run_id, out_dir, keep, finished_before, records)
+    else:  # each worker writes its own parts; results.parquet is built when the run is done
+        parts = PartWriter(out_dir / "parts" / lease.worker_id, keep_columns=keep)
+        await store.register_worker(lease.worker_id, run_id, this_host(), os.getpid())
+        await _end_dead_workers(store, run_id)
 
-        mock_url = await _start_mock(stack, spec)
-        transport = transport or AiohttpTransport(
-            max_connections=sum(r.limits.concurrency for r in spec.routes)
+    mock_url = await _start_mock(stack, spec)
+    transport = transport or AiohttpTransport(max_connections=sum(r.limits.concurrency for r in spec.routes))
+    stack.push_async_callback(transport.aclose)
+    news = {r.key: RateNews(store, _rate_key(spec, r, mock_url)) for r in spec.routes} if lease else {}
+    routes = _routes(spec, keys, transport, mock_url, news)
+    for route in routes:
+        stack.push_async_callback(route.client.aclose)
+    prices = PriceBook(spec.prices)
+    budget = await _budget(store, spec, run_id, routes, prices, lease)
+    worker = Worker(routes, retry=spec.retry, policy=spec.policy, prices=prices, budget=budget)
+
+    before = await store.state_counts(run_id)
+    counters = Counters(total=sum(before.get(s, 0) for s in states))
+    recorder = Recorder(
+        store, run_id, parts=parts, counters=counters, owner=lease.worker_id if lease else None
+    )
+    await store.update_run(run_id, state="running", started_at=utcnow(), error=None)
+    who = f" as worker {lease.worker_id}" if lease else ""
+    log.info("run %s: %d requests to send (database %s)%s", run_id, counters.total, db_display(spec.db), who)
+    plan = _Dispatch(
+        run_id=run_id,
+        states=states,
+        recover_stored=spec.recover_stored,
+        in_flight_before=before.get("in_flight", 0),
+        grace_s=spec.grace_s,
+        lease=lease,
+        news=list(news.values()),
+    )
+    if plan.in_flight_before and lease is None:
+        log.warning(
+            "run %s: %d requests were in flight when the last session stopped; %s",
+            run_id,
+            plan.in_flight_before,
+            "looking their answers up at the provider first"
+            if spec.recover_stored
+            else "they are sent again (the provider may have answered them already)",
         )
-        stack.push_async_callback(transport.aclose)
-        routes = _routes(spec, keys, transport, mock_url)
-        for route in routes:
-            stack.push_async_callback(route.client.aclose)
-        prices = PriceBook(spec.prices)
-        budget = await _budget(store, spec, run_id, routes, prices)
-        worker = Worker(routes, retry=spec.retry, policy=spec.policy, prices=prices, budget=budget)
 
-        before = await store.state_counts(run_id)
-        counters = Counters(total=sum(before.get(s, 0) for s in states))
-        recorder = Recorder(store, run_id, parts=parts, counters=counters)
-        await store.update_run(run_id, state="running", started_at=utcnow(), error=None)
-        log.info("run %s: %d requests to send (database %s)", run_id, counters.total, db_display(spec.db))
-        plan = _Dispatch(
-            run_id=run_id,
-            states=states,
-            recover_stored=spec.recover_stored,
-            in_flight_before=before.get("in_flight", 0),
-            grace_s=spec.grace_s,
-        )
-        if plan.in_flight_before:
-            log.warning(
-                "run %s: %d requests were in flight when the last session stopped; %s",
-                run_id,
-                plan.in_flight_before,
-                "looking their answers up at the provider first"
-                if spec.recover_stored
-                else "they are sent again (the provider may have answered them already)",
-            )
-
+    try:
         await _dispatch(store, plan, worker, recorder, counters, display, handle_signals)
-        interrupted = plan.interrupted
+    finally:
+        if lease is not None:
+            with anyio.CancelScope(shield=True):
+                await store.finish_worker(lease.worker_id)
+    interrupted = plan.interrupted
 
+    counts = await store.state_counts(run_id)
+    totals = await store.usage_totals(run_id)
+    state, code, message = _verdict(counts, interrupted, worker, totals)
+    others = await store.live_workers(run_id) if lease is not None else []
+    if lease is None or not any(counts.get(s) for s in ("pending", "in_flight")):
         await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
-        parts.clear()
-        counts = await store.state_counts(run_id)
-        totals = await store.usage_totals(run_id)
-        state, code, message = _verdict(counts, interrupted, worker)
+        if lease is None or not others:
+            parts.clear()
+    if not others:  # the last worker out gives the run its verdict
         await store.update_run(
             run_id, state=state, exit_code=code, finished_at=utcnow(), error=message or None
         )
-        return RunSummary(
-            run_id=run_id,
-            job=spec.job,
-            state=state,
-            exit_code=code,
-            counts=counts,
-            message=message,
-            results=out_dir / "results.parquet",
-            db=db_display(spec.db),
-            sent=recorder.recorded,
-            totals=totals,
+    return RunSummary(
+        run_id=run_id,
+        job=spec.job,
+        state=state,
+        exit_code=code,
+        counts=counts,
+        message=message,
+        results=out_dir / "results.parquet",
+        db=db_display(spec.db),
+        sent=recorder.recorded,
+        totals=totals,
+    )
+
+
+async def _end_dead_workers(store: Store, run_id: str) -> None:
+    """Workers of this run on this machine whose process is gone: their leases end now
+    (a crashed ``pipeline run`` resumes at once; other machines' wait for the lease)."""
+    host = this_host()
+    dead = [w["worker_id"] for w in await store.live_workers(run_id, host) if not pid_alive(int(w["pid"]))]
+    if dead:
+        freed = await store.end_workers(run_id, dead)
+        log.warning(
+            "run %s: %d requests were in flight in %d stopped worker(s) on this machine; "
+            "they are sent again (the provider may have answered them already)",
+            run_id,
+            freed,
+            len(dead),
         )
-    raise AssertionError("unreachable")  # pragma: no cover (AsyncExitStack does not swallow)
+
+
+def _rate_key(spec: JobSpec, route: RouteSpec, mock_url: str | None) -> str:
+    """One provider limit: the endpoint's URL and the model (shared by every run using them)."""
+    ep = spec.endpoints[route.endpoint]
+    base = mock_url if ep.is_mock and mock_url else ep.base_url
+    return f"{base}|{route.model}"
 
 
 async def _budget(
-    store: Store, spec: JobSpec, run_id: str, routes: list[Route], prices: PriceBook
+    store: Store, spec: JobSpec, run_id: str, routes: list[Route], prices: PriceBook, lease: _Lease | None
 ) -> Budget | None:
     """The run's budget, with what earlier sessions spent; every route must have a price."""
     if spec.budget_usd is None:
@@ -212,6 +409,8 @@ async def _budget(
                 "budget_usd needs a price for every model of the chain; "
                 f"none is known for {route.spec.model!r}",
             )
+    if lease is not None:  # the cap holds for the sum of every worker: slices from the database
+        return SharedBudget(store, run_id, lease.worker_id, picousd(spec.budget_usd), stale_s=lease.lease_s)
     spent = (await store.usage_totals(run_id)).get("cost_picousd") or 0
     return Budget(cap_picousd=picousd(spec.budget_usd), spent_picousd=spent)
 
@@ -246,7 +445,9 @@ async def _fresh_run_id(store: Store, base: str) -> str:
     return candidate
 
 
-def _verdict(counts: Mapping[str, int], interrupted: bool, worker: Worker) -> tuple[str, int, str]:
+def _verdict(
+    counts: Mapping[str, int], interrupted: bool, worker: Worker, totals: Mapping[str, int | None]
+) -> tuple[str, int, str]:
     stopped = [r.endpoint for r in worker.routes if r.endpoint.stopped]
     if interrupted:
         left = counts.get("in_flight", 0)
@@ -261,7 +462,7 @@ def _verdict(counts: Mapping[str, int], interrupted: bool, worker: Worker) -> tu
         return (
             "stopped",
             3,
-            f"budget cap of ${usd(b.cap_picousd)} reached (spent ${usd(b.spent_picousd)}); "
+            f"budget cap of ${usd(b.cap_picousd)} reached (spent ${usd(totals.get('cost_picousd') or 0)}); "
             f"{counts['pending']} requests left: rerun with a larger --budget-usd to finish",
         )
     if any(counts.get(s, 0) for s in ("failed", "pending", "in_flight", "rejected")):
@@ -374,6 +575,7 @@ def _routes(
     keys: Mapping[str, str | None],
     transport: httpx.AsyncBaseTransport,
     mock_url: str | None,
+    news: Mapping[str, RateNews],
 ) -> list[Route]:
     clients: dict[str, ChatClient] = {}
     states: dict[str, EndpointState] = {}
@@ -394,7 +596,7 @@ def _routes(
             Route(
                 spec=r,
                 client=clients[r.endpoint],
-                limiter=RouteLimiter(r.limits),
+                limiter=_limiter(r, news.get(r.key)),
                 endpoint=states[r.endpoint],
                 base_url=base_url,
                 breaker=CircuitBreaker(spec.breaker),
@@ -402,6 +604,21 @@ def _routes(
             )
         )
     return routes
+
+
+def _limiter(route: RouteSpec, news: RateNews | None) -> RouteLimiter:
+    limiter = RouteLimiter(route.limits, shared=news)
+    if news is not None:
+        news.limiter = limiter
+    return limiter
+
+
+@dataclass(frozen=True)
+class _Lease:
+    """This process is one of the run's workers: its id and how long its claims last."""
+
+    worker_id: str
+    lease_s: float
 
 
 @dataclass
@@ -413,6 +630,8 @@ class _Dispatch:
     recover_stored: bool
     in_flight_before: int  # requests an earlier session left in flight (maybe paid)
     grace_s: float
+    lease: _Lease | None = None  # None: alone on the run (SQLite), claims by pages
+    news: list[RateNews] = field(default_factory=list)
     interrupted: bool = False
 
 
@@ -466,19 +685,43 @@ async def _dispatch(
     leftover = task_recv.clone()  # to find tasks still queued when the run stops
 
     async def claim(ids: list[str], *, release: bool = False) -> None:
+        if plan.lease is not None:  # workers share the run: straight to the database
+            if release:
+                await store.release_leases(plan.run_id, plan.lease.worker_id, ids)
+            return
         c = Claim(ids, release=release)
         await control.send(c)
         await c.done.wait()
+
+    async def next_page(after: int) -> list[tuple[Any, ...]] | None:
+        """Claimed requests to send next, or None when the run has none left for us."""
+        if plan.lease is None:
+            page = await store.pending_page(plan.run_id, after, page_size, plan.states)
+            if not page or not worker.may_dispatch():
+                return None
+            await claim([row[1] for row in page])
+            return page
+        lease = plan.lease
+        while not stopping.is_set() and worker.may_dispatch():
+            page = await store.lease(plan.run_id, lease.worker_id, page_size, plan.states, lease.lease_s)
+            if page:
+                return page
+            wait = await store.lease_outlook(plan.run_id, lease.worker_id, plan.states)
+            if wait is None:
+                return None
+            # Other workers hold the rest: their leases may run out (a dead worker's do).
+            with anyio.move_on_after(min(max(wait + 0.05, 0.25), 5.0)):
+                await stopping.wait()
+        return None
 
     async def feeder(send: ObjectSendStream[Task]) -> None:
         async with send:
             after = -1
             while not stopping.is_set():
-                page = await store.pending_page(plan.run_id, after, page_size, plan.states)
-                if not page or not worker.may_dispatch():
+                page = await next_page(after)
+                if not page:
                     return
                 tasks = [_task(plan, row) for row in page]
-                await claim([t.custom_id for t in tasks])
                 sent = 0
                 try:
                     for task in tasks:
@@ -489,6 +732,14 @@ async def _dispatch(
                 finally:  # also when cancelled: what was claimed but not handed over is unsent
                     unsent.extend(t.custom_id for t in tasks[sent:])
                 after = page[-1][0]
+
+    async def heartbeat(lease: _Lease) -> None:
+        while True:
+            await anyio.sleep(lease.lease_s / 4)
+            try:
+                await store.heartbeat(lease.worker_id, plan.run_id, lease.lease_s)
+            except StorageError as exc:  # others take our requests over if this goes on
+                log.warning("worker %s: could not renew its leases: %s", lease.worker_id, exc)
 
     async def work(recv: ObjectReceiveStream[Task], send: ObjectSendStream[Outcome | Claim]) -> None:
         async with recv, send:
@@ -541,6 +792,10 @@ async def _dispatch(
     async with anyio.create_task_group() as outer:
         outer.start_soon(record)
         outer.start_soon(show)
+        if plan.lease is not None:
+            outer.start_soon(heartbeat, plan.lease)
+        for news in plan.news:
+            outer.start_soon(news.run)
         async with anyio.create_task_group() as dispatch:
             if handle_signals:
                 outer.start_soon(watch_signals, dispatch.cancel_scope, outer)
@@ -558,7 +813,8 @@ async def _dispatch(
                     break
         async with control:
             if unsent:  # claimed but never sent: not paid for, so plainly pending again
-                await claim(unsent, release=True)
+                with anyio.CancelScope(shield=True):
+                    await claim(unsent, release=True)
         await recorder_done.wait()
         outer.cancel_scope.cancel()
     if display is not None:

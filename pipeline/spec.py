@@ -240,6 +240,10 @@ class JobSpec:
             "on_bad_row": self.on_bad_row,
             "recovery": {"stored_completions": self.recover_stored},
             "grace_s": self.grace_s,
+            "out": str(self.out),
+            "mock": None
+            if self.mock is None
+            else {**self.mock.__dict__, "models": self.mock.models and list(self.mock.models)},
         }
 
 
@@ -296,8 +300,9 @@ _TOP_KEYS = {
 class _Reader:
     """Typed access to a raw mapping with error messages that name the file and field."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, need_input: bool = True) -> None:
         self.source = source
+        self.need_input = need_input  # False for workers: requests come from the database
 
     def fail(self, where: str, message: str) -> SpecError:
         return SpecError(f"{self.source}: {where}" if where else self.source, message)
@@ -366,7 +371,9 @@ def _show(raw: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def load_spec(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> JobSpec:
+def load_spec(
+    path: str | Path | None, overrides: Mapping[str, Any] | None = None, *, need_input: bool = True
+) -> JobSpec:
     """Read a spec file (or none), apply flag overrides, validate, return the frozen spec.
 
     ``overrides`` uses the spec's own keys (``model``, ``fallbacks``, ``limits.rpm`` as a
@@ -402,7 +409,62 @@ def load_spec(path: str | Path | None, overrides: Mapping[str, Any] | None = Non
             ep = eps.setdefault(name, {})
             if isinstance(ep, dict):
                 ep.update(endpoint_ov)
-    return _build(raw, _Reader(source), Path(path).stem if path else None)
+    return _build(raw, _Reader(source, need_input=need_input), Path(path).stem if path else None)
+
+
+def spec_from_record(record: Mapping[str, Any], *, db: str, out: Path) -> JobSpec:
+    """The spec a run was started with, rebuilt from its record (:meth:`JobSpec.redacted`),
+    for a worker that has no spec file. Keys come from this machine's environment, as always;
+    endpoint header values are not recorded, so an endpoint with headers needs the spec file."""
+    rec = dict(record)
+    for name, ep in rec.get("endpoints", {}).items():
+        if ep.get("headers"):
+            raise SpecError(
+                f"endpoints.{name}.headers",
+                "header values are not stored with the run; pass the job's spec file to the worker",
+            )
+    routes = [
+        {k: v for k, v in r.items() if k in {"endpoint", "model", "rpm", "tpm", "concurrency", "stream"}}
+        for r in rec.get("routes", [])
+    ]
+    inp = {k: v for k, v in rec.get("input", {}).items() if v is not None}
+    raw: dict[str, Any] = {
+        "job": rec["job"],
+        "input": inp,
+        "endpoints": {
+            n: {k: v for k, v in e.items() if k in {"base_url", "api_key_env", "provider"} and v is not None}
+            for n, e in rec.get("endpoints", {}).items()
+        },
+        "model": routes[0] if routes else None,
+        "fallbacks": routes[1:],
+        "stream": rec.get("stream", False),
+        "retry": rec.get("retry", {}),
+        "policy": rec.get("policy", {}),
+        "breaker": rec.get("breaker", {}),
+        "request": rec.get("request", {}),
+        "prices": {
+            m: {k: v for k, v in p.items() if v is not None} for m, p in rec.get("prices", {}).items()
+        },
+        "on_bad_row": rec.get("on_bad_row", "stop"),
+        "recovery": rec.get("recovery", {}),
+        "grace_s": rec.get("grace_s", 30.0),
+        "db": db,
+        "out": str(out),
+    }
+    if rec.get("template"):
+        t = rec["template"]
+        raw["template"] = {
+            k: v
+            for k, v in {"messages": t["messages"], "keep_columns": t.get("keep_columns")}.items()
+            if v is not None
+        }
+    if rec.get("budget_usd") is not None:
+        raw["budget_usd"] = rec["budget_usd"]
+    if rec.get("mock") is not None:
+        raw["mock"] = {k: v for k, v in rec["mock"].items() if v is not None}
+    if raw["model"] is None:
+        raise SpecError("routes", "the run's record names no model")
+    return _build(raw, _Reader(f"run record of {rec['job']}", need_input=False), None)
 
 
 def _merge(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -486,7 +548,7 @@ def _input(raw: Any, r: _Reader) -> InputSpec:
             fmt = "jsonl"
         else:
             raise r.fail("input.format", f"cannot tell the format of {path.name!r}; set jsonl or parquet")
-    if not path.is_file():
+    if r.need_input and not path.is_file():
         raise r.fail("input.path", f"input file not found: {path}")
     cols = {
         k: None if t.get(k) is None else r.string(t[k], f"input.{k}")

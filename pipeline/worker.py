@@ -326,7 +326,7 @@ class Worker:
                 window = self.prices.context_window(route.spec.model, provider=route.provider)
                 output = (window or UNKNOWN_OUTPUT_LIMIT) * walk.n
             reserved = self.worst_case_picousd(route, walk.prompt_tokens, output) or 0
-            if not self.budget.reserve(reserved):
+            if not await self.budget.acquire(reserved):
                 raise _OverBudget
         try:
             completion = await self._send(route, walk)

@@ -33,7 +33,7 @@ def test_blank_database_migrates_to_head_with_tables_views_and_wal(tmp_path: Pat
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
     assert {"run", "request", "attempt", "completion"} <= tables
     assert views == set(VIEWS)
-    assert version == head == "0002"
+    assert version == head == "0003"
     assert mode == "wal"
 
 

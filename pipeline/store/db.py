@@ -138,6 +138,8 @@ class Store:
             command.upgrade(cfg, "head")
 
         async with self._conn() as conn:
+            if conn.dialect.name == "postgresql":  # workers starting together migrate one at a time
+                await conn.execute(text("SELECT pg_advisory_xact_lock(7270411)"))
             await conn.run_sync(upgrade)
         head = ScriptDirectory.from_config(cfg).get_current_head()
         return head or ""
@@ -239,8 +241,14 @@ class Store:
                     q = q.where(request.c.state == current)
                 await conn.execute(q.values(**values))
 
-    async def record_outcomes(self, run_id: str, outcomes: Sequence[Outcome]) -> None:
-        """One transaction for a batch of finished requests: attempts, completions, states."""
+    async def record_outcomes(
+        self, run_id: str, outcomes: Sequence[Outcome], *, owner: str | None = None
+    ) -> set[str]:
+        """One transaction for a batch of finished requests: attempts, completions, states.
+
+        ``owner``: the worker recording, when several share the run (see :func:`_reconcile`);
+        returns the requests another worker had already answered (their state is kept).
+        """
         attempt_rows: list[dict[str, Any]] = []
         completion_rows: list[dict[str, Any]] = []
         request_rows: list[dict[str, Any]] = []
@@ -293,12 +301,18 @@ class Store:
             )
         )
         async with self._conn() as conn:
+            kept: set[str] = set()
+            if owner is not None:
+                kept = await _reconcile(conn, run_id, attempt_rows, completion_rows, request_rows, outcomes)
             if attempt_rows:
                 await conn.execute(insert(attempt), attempt_rows)
             if completion_rows:
                 await conn.execute(insert(completion), completion_rows)
             if request_rows:
                 await conn.execute(upd.execution_options(synchronize_session=False), request_rows)
+            if owner is not None:
+                await _release_recorded(conn, run_id, owner, outcomes)
+        return kept
 
     async def reject_rows(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         async with self._conn() as conn:
@@ -398,6 +412,301 @@ class Store:
         """A read-only query for reports."""
         async with self._conn(write=False) as conn:
             return [dict(m) for m in (await conn.execute(text(sql), dict(params or {}))).mappings().all()]
+
+    # -- workers sharing a run (PostgreSQL) ---------------------------------------------------
+    # Times here are the database's clock (naive UTC), so machines need not agree on theirs.
+
+    @property
+    def shared(self) -> bool:
+        """Can several processes work on one run here? (PostgreSQL: row locks, SKIP LOCKED.)"""
+        return self.engine.dialect.name == "postgresql"
+
+    async def register_worker(self, worker_id: str, run_id: str, host: str, pid: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                text(
+                    f"INSERT INTO worker (worker_id, run_id, host, pid, started_at, heartbeat_at, "
+                    f"budget_picousd, spent_picousd, recorded) "
+                    f"VALUES (:w, :r, :h, :p, {_DB_NOW}, {_DB_NOW}, 0, 0, 0)"
+                ),
+                {"w": worker_id, "r": run_id, "h": host, "p": pid},
+            )
+
+    async def heartbeat(self, worker_id: str, run_id: str, lease_s: float) -> None:
+        """The worker is alive: renew its heartbeat and the leases of its requests."""
+        async with self._conn() as conn:
+            await conn.execute(
+                text(f"UPDATE worker SET heartbeat_at = {_DB_NOW} WHERE worker_id = :w"), {"w": worker_id}
+            )
+            await conn.execute(
+                text(
+                    f"UPDATE request SET lease_until = {_DB_NOW} + make_interval(secs => :s) "
+                    "WHERE run_id = :r AND lease_owner = :w AND state = 'in_flight'"
+                ),
+                {"w": worker_id, "r": run_id, "s": float(lease_s)},
+            )
+
+    async def finish_worker(self, worker_id: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                text(f"UPDATE worker SET finished_at = {_DB_NOW} WHERE worker_id = :w"), {"w": worker_id}
+            )
+
+    async def live_workers(self, run_id: str, host: str | None = None) -> list[dict[str, Any]]:
+        """Workers of the run that have not finished (on ``host`` only, when given)."""
+        sql = (
+            "SELECT worker_id, host, pid, heartbeat_at FROM worker WHERE run_id = :r AND finished_at IS NULL"
+        )
+        params: dict[str, Any] = {"r": run_id}
+        if host is not None:
+            sql += " AND host = :h"
+            params["h"] = host
+        return await self.execute_text(sql, params)
+
+    async def end_workers(self, run_id: str, worker_ids: Sequence[str]) -> int:
+        """Workers known to be dead: finish them and free their leases now. Returns requests freed."""
+        if not worker_ids:
+            return 0
+        async with self._conn() as conn:
+            await conn.execute(
+                text(f"UPDATE worker SET finished_at = {_DB_NOW} WHERE worker_id IN :ids").bindparams(
+                    bindparam("ids", expanding=True)
+                ),
+                {"ids": list(worker_ids)},
+            )
+            res = await conn.execute(
+                text(
+                    "UPDATE request SET lease_until = NULL WHERE run_id = :r AND state = 'in_flight' "
+                    "AND lease_owner IN :ids"
+                ).bindparams(bindparam("ids", expanding=True)),
+                {"r": run_id, "ids": list(worker_ids)},
+            )
+            return int(res.rowcount or 0)
+
+    async def lease(
+        self, run_id: str, worker_id: str, limit: int, states: Sequence[str], lease_s: float
+    ) -> list[tuple[int, str, str, str | None, int, str]]:
+        """Claim up to ``limit`` requests for ``worker_id`` until the lease runs out: pending
+        ones (in ``states``) and in-flight ones whose lease expired, in input order, skipping
+        rows another worker is claiming at this moment. Rows as :meth:`pending_page` gives
+        them, with the state each had BEFORE the claim (in_flight: maybe already paid)."""
+        sql = text(
+            f"""
+            WITH picked AS (
+                SELECT run_id, custom_id, state AS prior FROM request
+                WHERE run_id = :r AND state IN :states
+                  AND (state <> 'in_flight' OR lease_until IS NULL OR lease_until < {_DB_NOW})
+                ORDER BY seq LIMIT :n
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE request AS q SET state = 'in_flight', claimed_at = {_DB_NOW}, lease_owner = :w,
+                   lease_until = {_DB_NOW} + make_interval(secs => :s)
+            FROM picked WHERE q.run_id = picked.run_id AND q.custom_id = picked.custom_id
+            RETURNING q.seq, q.custom_id, q.body, q.record, q.attempts, picked.prior"""
+        ).bindparams(bindparam("states", expanding=True))
+        params = {"r": run_id, "w": worker_id, "n": limit, "s": float(lease_s), "states": list(states)}
+        async with self._conn() as conn:
+            rows = [tuple(r) for r in (await conn.execute(sql, params)).all()]
+        rows.sort(key=lambda r: r[0])
+        return rows
+
+    async def release_leases(self, run_id: str, worker_id: str, custom_ids: Sequence[str]) -> None:
+        """Give back claimed requests that were never sent: plainly pending again."""
+        async with self._conn() as conn:
+            for chunk in chunked(custom_ids, 500):
+                await conn.execute(
+                    text(
+                        "UPDATE request SET state = 'pending', claimed_at = NULL, lease_owner = NULL, "
+                        "lease_until = NULL WHERE run_id = :r AND lease_owner = :w AND state = 'in_flight' "
+                        "AND custom_id IN :ids"
+                    ).bindparams(bindparam("ids", expanding=True)),
+                    {"r": run_id, "w": worker_id, "ids": chunk},
+                )
+
+    async def lease_outlook(self, run_id: str, worker_id: str, states: Sequence[str]) -> float | None:
+        """Nothing claimable now: None when no other worker holds requests of the run either
+        (nothing left to do), else the seconds until the first of their leases runs out."""
+        sql = text(
+            f"""
+            SELECT COUNT(*) AS held,
+                   EXTRACT(EPOCH FROM MIN(lease_until) - {_DB_NOW}) AS wait_s
+            FROM request
+            WHERE run_id = :r AND state = 'in_flight' AND lease_owner IS DISTINCT FROM :w"""
+        )
+        async with self._conn(write=False) as conn:
+            row = (await conn.execute(sql, {"r": run_id, "w": worker_id})).mappings().one()
+            if not row["held"]:
+                left = await conn.execute(
+                    text("SELECT 1 FROM request WHERE run_id = :r AND state IN :states LIMIT 1").bindparams(
+                        bindparam("states", expanding=True)
+                    ),
+                    {"r": run_id, "states": [s for s in states if s != "in_flight"]},
+                )
+                return 0.0 if left.first() else None
+        return max(0.0, float(row["wait_s"] or 0.0))
+
+    async def claim_budget(
+        self, run_id: str, worker_id: str, want: int, need: int, cap: int, stale_s: float
+    ) -> int:
+        """Take up to ``want`` picodollars (at least ``need``, else none) of the run's budget
+        for this worker. What is committed: the cost every worker recorded, plus what each
+        live worker holds and has not spent yet. Serialised on the run's row."""
+        async with self._conn() as conn:
+            await conn.execute(text("SELECT 1 FROM run WHERE run_id = :r FOR UPDATE"), {"r": run_id})
+            committed = (
+                await conn.execute(
+                    text(
+                        f"""
+                        SELECT COALESCE((SELECT SUM(cost_picousd) FROM request WHERE run_id = :r), 0)
+                             + COALESCE((SELECT SUM(GREATEST(budget_picousd - spent_picousd, 0))
+                                          FROM worker WHERE run_id = :r AND finished_at IS NULL
+                                          AND (worker_id = :w OR heartbeat_at >
+                                               {_DB_NOW} - make_interval(secs => :stale))), 0)"""
+                    ),
+                    {"r": run_id, "w": worker_id, "stale": float(stale_s)},
+                )
+            ).scalar_one()
+            grant = min(want, cap - int(committed))
+            if grant < need:
+                return 0
+            await conn.execute(
+                text("UPDATE worker SET budget_picousd = budget_picousd + :g WHERE worker_id = :w"),
+                {"g": grant, "w": worker_id},
+            )
+            return grant
+
+    async def take_rate_slots(
+        self, route_key: str, kind: str, units: float, interval_s: float
+    ) -> tuple[float, float, float, float | None, float | None]:
+        """Book ``units`` of a shared rate limit (``kind`` requests or tokens), paced
+        ``interval_s`` apart on the database clock. Returns (the booked span's start, the
+        database's now, cooldown_until, learned_rpm, learned_tpm), all in database seconds."""
+        col = "requests_tat" if kind == "requests" else "tokens_tat"
+        async with self._conn() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO rate_slot (route_key, requests_tat, tokens_tat, cooldown_until) "
+                    "VALUES (:k, 0, 0, 0) ON CONFLICT (route_key) DO NOTHING"
+                ),
+                {"k": route_key},
+            )
+            row = (
+                await conn.execute(
+                    text(
+                        f"""
+                        WITH now_ AS (SELECT {_DB_EPOCH} AS t), old AS (
+                            SELECT {col} AS tat, cooldown_until FROM rate_slot
+                            WHERE route_key = :k FOR UPDATE)
+                        UPDATE rate_slot SET {col} = GREATEST(old.tat, old.cooldown_until, now_.t) + :span
+                        FROM old, now_ WHERE route_key = :k
+                        RETURNING GREATEST(old.tat, old.cooldown_until, now_.t), now_.t,
+                                  rate_slot.cooldown_until, learned_rpm, learned_tpm"""
+                    ),
+                    {"k": route_key, "span": float(units) * interval_s},
+                )
+            ).one()
+        start, now, cooldown, lrpm, ltpm = row
+        return float(start), float(now), float(cooldown), lrpm, ltpm
+
+    async def rate_news(
+        self,
+        route_key: str,
+        *,
+        cooldown_s: float = 0.0,
+        learned_rpm: float | None = None,
+        learned_tpm: float | None = None,
+    ) -> tuple[float, float, float | None, float | None]:
+        """Tell every worker of a 429 (cool down ``cooldown_s`` from now) or of a learned limit,
+        and read what others told: (database now, cooldown_until, learned_rpm, learned_tpm)."""
+        async with self._conn() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO rate_slot (route_key, requests_tat, tokens_tat, cooldown_until) "
+                    "VALUES (:k, 0, 0, 0) ON CONFLICT (route_key) DO NOTHING"
+                ),
+                {"k": route_key},
+            )
+            row = (
+                await conn.execute(
+                    text(
+                        f"""
+                        UPDATE rate_slot SET
+                            cooldown_until = GREATEST(cooldown_until, {_DB_EPOCH} + :c),
+                            learned_rpm = COALESCE(CAST(:rpm AS double precision), learned_rpm),
+                            learned_tpm = COALESCE(CAST(:tpm AS double precision), learned_tpm)
+                        WHERE route_key = :k
+                        RETURNING {_DB_EPOCH}, cooldown_until, learned_rpm, learned_tpm"""
+                    ),
+                    {"k": route_key, "c": float(cooldown_s), "rpm": learned_rpm, "tpm": learned_tpm},
+                )
+            ).one()
+        now, cooldown, lrpm, ltpm = row
+        return float(now), float(cooldown), lrpm, ltpm
+
+
+# The database's clock (PostgreSQL): naive UTC like every time column, and epoch seconds.
+_DB_NOW = "(clock_timestamp() AT TIME ZONE 'utc')"
+_DB_EPOCH = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS double precision)"
+FINAL = ("succeeded", "failed", "rejected")
+
+
+async def _reconcile(
+    conn: AsyncConnection,
+    run_id: str,
+    attempt_rows: list[dict[str, Any]],
+    completion_rows: list[dict[str, Any]],
+    request_rows: list[dict[str, Any]],
+    outcomes: Sequence[Outcome],
+) -> set[str]:
+    """Workers share the run: make a batch fit what other workers recorded meanwhile.
+
+    A worker whose lease ran out (it stalled) may finish a request that another worker also
+    sent. Both attempts were paid, so both are kept, numbered after what is already there;
+    a success already recorded stays the request's answer. Rows are locked in key order.
+    """
+    ids = sorted(o.custom_id for o in outcomes)
+    q = text(
+        "SELECT custom_id, attempts, state FROM request WHERE run_id = :r AND custom_id IN :ids "
+        "ORDER BY custom_id FOR UPDATE"
+    ).bindparams(bindparam("ids", expanding=True))
+    now = {cid: (n, st) for cid, n, st in (await conn.execute(q, {"r": run_id, "ids": ids})).all()}
+    shift: dict[str, int] = {}
+    kept: set[str] = set()
+    for o, row in zip(outcomes, request_rows, strict=True):
+        n, state = now.get(o.custom_id, (o.prior_attempts, "in_flight"))
+        if n != o.prior_attempts:
+            shift[o.custom_id] = n - o.prior_attempts
+            if row["b_final"] is not None:
+                row["b_final"] += n - o.prior_attempts
+        if state == "succeeded":
+            kept.add(o.custom_id)
+            row.update(b_state="succeeded", b_final=None, b_error=None)
+    if shift:
+        for r in (*attempt_rows, *completion_rows):
+            r["attempt_no"] += shift.get(r["custom_id"], 0)
+    return kept
+
+
+async def _release_recorded(
+    conn: AsyncConnection, run_id: str, owner: str, outcomes: Sequence[Outcome]
+) -> None:
+    """The worker's leases on recorded requests end; its tally (for the shared budget) grows."""
+    cost = sum(a.cost_picousd or 0 for o in outcomes for a in o.attempts)
+    for chunk in chunked([o.custom_id for o in outcomes], 500):
+        await conn.execute(
+            text(
+                "UPDATE request SET lease_owner = NULL, lease_until = NULL "
+                "WHERE run_id = :r AND lease_owner = :w AND custom_id IN :ids"
+            ).bindparams(bindparam("ids", expanding=True)),
+            {"r": run_id, "w": owner, "ids": chunk},
+        )
+    await conn.execute(
+        text(
+            f"UPDATE worker SET spent_picousd = spent_picousd + :c, recorded = recorded + :n, "
+            f"heartbeat_at = {_DB_NOW} WHERE worker_id = :w"
+        ),
+        {"c": cost, "n": len(outcomes), "w": owner},
+    )
 
 
 def _add_nullable(col: Any, value: Any) -> Any:

@@ -31,8 +31,10 @@ __all__ = [
     "attempt",
     "completion",
     "metadata",
+    "rate_slot",
     "request",
     "run",
+    "worker",
 ]
 
 metadata = MetaData(
@@ -84,6 +86,9 @@ request = Table(
     Column("reported_cost_picousd", BigInteger),  # sum of the provider-reported cost
     Column("finished_at", DateTime),
     Column("claimed_at", DateTime),  # write-ahead: set before the request is sent
+    # Workers sharing a run (PostgreSQL): who holds the claim, and until when (database clock).
+    Column("lease_owner", String(64)),
+    Column("lease_until", DateTime),
     PrimaryKeyConstraint("run_id", "custom_id"),
     UniqueConstraint("run_id", "seq"),
     ForeignKeyConstraint(["run_id"], ["run.run_id"]),
@@ -159,6 +164,40 @@ completion = Table(
         ["run_id", "custom_id", "attempt_no"],
         ["attempt.run_id", "attempt.custom_id", "attempt.attempt_no"],
     ),
+)
+
+worker = Table(
+    "worker",
+    metadata,
+    # One process working on a run (``pipeline run`` or ``pipeline worker``) on a shared database.
+    Column("worker_id", String(64), nullable=False),
+    Column("run_id", String(128), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("heartbeat_at", DateTime, nullable=False),
+    Column("finished_at", DateTime),
+    Column("budget_picousd", BigInteger, nullable=False, default=0),  # budget slices it holds
+    Column("spent_picousd", BigInteger, nullable=False, default=0),  # cost it has recorded
+    Column("recorded", BigInteger, nullable=False, default=0),  # requests it has recorded
+    PrimaryKeyConstraint("worker_id"),
+    ForeignKeyConstraint(["run_id"], ["run.run_id"]),
+    Index(None, "run_id"),
+)
+
+rate_slot = Table(
+    "rate_slot",
+    metadata,
+    # One provider rate limit (base URL + model) shared by every worker of every run: the
+    # next free send time (GCRA "theoretical arrival time", seconds on the database clock)
+    # for requests and for tokens, a cooldown after a 429, and limits learned from headers.
+    Column("route_key", String(512), nullable=False),
+    Column("requests_tat", Float, nullable=False, default=0.0),
+    Column("tokens_tat", Float, nullable=False, default=0.0),
+    Column("cooldown_until", Float, nullable=False, default=0.0),
+    Column("learned_rpm", Float),
+    Column("learned_tpm", Float),
+    PrimaryKeyConstraint("route_key"),
 )
 
 # Views for audits in plain SQL (sqlite3, DuckDB, psql). Created by the migrations.
