@@ -350,10 +350,11 @@ async def _session(
     totals = await store.usage_totals(run_id)
     state, code, message = _verdict(counts, interrupted, worker, totals)
     others = await store.live_workers(run_id) if lease is not None else []
-    if lease is None or not any(counts.get(s) for s in ("pending", "in_flight")):
+    if lease is None:
         await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
-        if lease is None or not others:
-            parts.clear()
+        parts.clear()
+    elif not any(counts.get(s) for s in ("pending", "in_flight")):  # the run is done: consolidate
+        await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
     if not others:  # the last worker out gives the run its verdict
         await store.update_run(
             run_id, state=state, exit_code=code, finished_at=utcnow(), error=message or None
