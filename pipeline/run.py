@@ -349,13 +349,14 @@ async def _session(
     counts = await store.state_counts(run_id)
     totals = await store.usage_totals(run_id)
     state, code, message = _verdict(counts, interrupted, worker, totals)
-    others = await store.live_workers(run_id) if lease is not None else []
+    left = any(counts.get(s) for s in ("pending", "in_flight"))
     if lease is None:
         await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
         parts.clear()
-    elif not any(counts.get(s) for s in ("pending", "in_flight")):  # the run is done: consolidate
+    elif not left:  # the run is done: consolidate every worker's answers
         await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
-    if not others:  # the last worker out gives the run its verdict
+    # The run's verdict, unless other workers are still at it (then the last one gives it).
+    if lease is None or not left or not await store.live_workers(run_id):
         await store.update_run(
             run_id, state=state, exit_code=code, finished_at=utcnow(), error=message or None
         )
