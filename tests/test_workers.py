@@ -302,3 +302,84 @@ def test_shared_buckets_pace_the_sum_of_workers(pg_url: str) -> None:  # noqa: F
     interval = WINDOW_S / 600
     assert elapsed >= 39 * interval - 0.05  # 40 sends, paced for both workers together
     assert bookings < 40  # booked in slices, not one database round trip per request
+
+
+def test_a_stalled_worker_and_the_one_that_took_its_lease_both_bill_and_one_answer_stays(
+    pg_url: str,  # noqa: F811
+) -> None:
+    """Worker A's lease runs out while it stalls; B claims the request and records its
+    answer; then A records its own. Both attempts are kept (numbered 1 and 2: both were
+    paid), B's success stays the answer, and the lease is gone."""
+    from datetime import datetime
+
+    from pipeline.client import parse_completion
+    from pipeline.records import Attempt, Outcome
+
+    raw = (
+        b'{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+        b'"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}'
+    )
+
+    def answered(cid: str, content_from: str) -> Outcome:
+        c = parse_completion(raw.replace(b'"hi"', f'"{content_from}"'.encode()))
+        a = Attempt(1, "default", "http://x/v1", "m", datetime(2026, 11, 24), outcome="success")
+        a.completion, a.usage, a.cost_picousd = c, c.usage, 1000
+        return Outcome(seq=0, custom_id=cid, state="succeeded", attempts=[a])
+
+    async def go() -> tuple[list[Any], Any, list[Any], set[str]]:
+        store = await Store.open(pg_url)
+        try:
+            await store.create_run(
+                run_id="r", job="j", spec_json="{}", input_path="x", input_sha256="h", state="running"
+            )
+
+            async def rows() -> Any:
+                yield [
+                    {
+                        "custom_id": "q-0",
+                        "seq": 0,
+                        "body_sha256": "b",
+                        "body": "{}",
+                        "record": None,
+                        "state": "pending",
+                        "attempts": 0,
+                        "error": None,
+                    }
+                ]
+
+            await store.load_requests("r", rows())
+            for w in ("A", "B"):
+                await store.register_worker(w, "r", "h", 1)
+            assert len(await store.lease("r", "A", 10, ("pending", "in_flight"), 0.2)) == 1
+            assert await store.lease("r", "B", 10, ("pending", "in_flight"), 60) == []  # A holds it
+            await anyio.sleep(0.3)  # A stalls past its lease
+            taken = await store.lease("r", "B", 10, ("pending", "in_flight"), 60)
+            assert [(t[1], t[5]) for t in taken] == [("q-0", "in_flight")]  # maybe paid already
+            assert await store.record_outcomes("r", [answered("q-0", "from B")], owner="B") == set()
+            kept = await store.record_outcomes("r", [answered("q-0", "from A")], owner="A")
+            attempts = await store.execute_text(
+                "SELECT a.attempt_no, c.content FROM attempt a JOIN completion c USING "
+                "(run_id, custom_id, attempt_no) ORDER BY a.attempt_no"
+            )
+            req = (
+                await store.execute_text(
+                    "SELECT state, attempts, final_attempt_no, cost_picousd, lease_owner FROM request"
+                )
+            )[0]
+            spent = await store.execute_text("SELECT worker_id, spent_picousd FROM worker ORDER BY 1")
+            return [tuple(r.values()) for r in attempts], req, [tuple(r.values()) for r in spent], kept
+        finally:
+            await store.close()
+
+    attempts, req, spent, kept = anyio.run(go)
+    assert attempts == [(1, "from B"), (2, "from A")]
+    assert req == {
+        "state": "succeeded",
+        "attempts": 2,
+        "final_attempt_no": 1,
+        "cost_picousd": 2000,
+        "lease_owner": None,
+    }
+    assert spent == [("A", 1000), ("B", 1000)]
+    assert kept == {"q-0"}
