@@ -328,6 +328,12 @@ def status(run_id: str | None, db: str, as_json: bool) -> None:
     if info["unpriced_attempts"]:
         line += f"; {info['unpriced_attempts']} attempts have no known price"
     click.echo(line)
+    live = [w for w in info["workers"] if w["finished_at"] is None]
+    if info["workers"]:
+        click.echo(
+            f"  workers: {len(info['workers'])} in all, {len(live)} not finished"
+            + "".join(f"\n    {w['worker_id']} (last seen {w['heartbeat_at']})" for w in live)
+        )
     if info["error"]:
         click.echo(f"  note: {info['error']}")
 

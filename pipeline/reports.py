@@ -52,6 +52,7 @@ async def status(db: str, run_id: str | None) -> dict[str, Any]:
         assert run is not None
         counts = await store.state_counts(rid)
         totals = await store.usage_totals(rid)
+        workers = await store.workers(rid)
     finally:
         await store.close()
     return {
@@ -72,6 +73,17 @@ async def status(db: str, run_id: str | None) -> dict[str, Any]:
         "created_at": _iso(run["created_at"]),
         "finished_at": _iso(run["finished_at"]),
         "error": run["error"],
+        "workers": [
+            {
+                "worker_id": w["worker_id"],
+                "host": w["host"],
+                "pid": w["pid"],
+                "recorded": w["recorded"],
+                "heartbeat_at": _iso(w["heartbeat_at"]),
+                "finished_at": _iso(w["finished_at"]),
+            }
+            for w in workers
+        ],
     }
 
 

@@ -247,6 +247,12 @@ def test_submit_is_idempotent_and_worker_errors_are_one_line(
     assert done.exit_code == 0, done.stderr
     assert server.stats().completions == 50
     assert cli("worker", "--db", pg_url, "-q").stdout.strip() == "no submitted run has requests left to send"
+    import orjson
+
+    status = orjson.loads(cli("status", "idem", "--db", pg_url, "--json").stdout)
+    assert status["state"] == "completed" and status["counts"]["succeeded"] == 50
+    assert [(w["recorded"], w["finished_at"] is not None) for w in status["workers"]] == [(50, True)]
+    assert "workers: 1 in all, 0 not finished" in cli("status", "idem", "--db", pg_url).stdout
 
 
 def test_a_429_seen_by_one_worker_slows_the_others(pg_url: str) -> None:  # noqa: F811

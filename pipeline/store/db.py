@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from pipeline.errors import StorageError
 from pipeline.pricing import picousd
 from pipeline.records import Attempt, Outcome
-from pipeline.store.schema import attempt, completion, request, run
+from pipeline.store.schema import attempt, completion, request, run, worker
 
 __all__ = ["DuplicateRequestId", "Store", "migrations_dir", "utcnow"]
 
@@ -462,6 +462,12 @@ class Store:
             sql += " AND host = :h"
             params["h"] = host
         return await self.execute_text(sql, params)
+
+    async def workers(self, run_id: str) -> list[dict[str, Any]]:
+        """Every process that worked on the run (PostgreSQL), in the order they started."""
+        q = select(worker).where(worker.c.run_id == run_id).order_by(worker.c.started_at, worker.c.worker_id)
+        async with self._conn(write=False) as conn:
+            return [dict(m) for m in (await conn.execute(q)).mappings().all()]
 
     async def end_workers(self, run_id: str, worker_ids: Sequence[str]) -> int:
         """Workers known to be dead: finish them and free their leases now. Returns requests freed."""
