@@ -1,52 +1,23 @@
 """PostgreSQL as the store: the same migrations, views and commands as on SQLite.
 
-Uses the server these machines run on 127.0.0.1:5432 (trust auth). Each test gets a fresh
-database. Under CI (CI=true) a server that cannot be reached fails the test instead of
-skipping it.
+Uses the server these machines run on 127.0.0.1:5432 (trust auth) whatever the suite's
+--db-backend: each test gets a fresh database (conftest's ``pg_url``). Under CI (CI=true) a
+server that cannot be reached fails the test instead of skipping it.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
-import pytest
 from helpers import plain_rows, write_jsonl
 
 from pipeline.mock import MockServer
 from pipeline.store import Store
 from pipeline.store.schema import VIEWS
-
-ADMIN = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-
-
-async def _admin(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database, dropped afterwards."""
-    name = f"pipeline_{uuid.uuid4().hex[:12]}"
-    try:
-        anyio.run(_admin, f"CREATE DATABASE {name}")
-    except (OSError, Exception) as exc:  # asyncpg raises its own errors and OSError alike
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required under CI: {exc}")
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
-    yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    anyio.run(_admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_migrations_views_and_models_agree_on_postgresql(pg_url: str) -> None:
