@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import plain_rows, query, write_jsonl
 
 from pipeline.mock import MockServer
@@ -23,6 +24,7 @@ def run(cli: Callable[..., Any], server: MockServer, db: str, *extra: str) -> An
     )  # fmt: skip
 
 
+@pytest.mark.sqlite_only("another process holds the SQLite file's write lock (BEGIN EXCLUSIVE)")
 def test_locked_database_is_a_clear_error_and_the_run_resumes_after(
     workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
@@ -47,6 +49,7 @@ def test_locked_database_is_a_clear_error_and_the_run_resumes_after(
     assert query(workdir / "p.db", "SELECT COUNT(*) FROM request WHERE state = 'succeeded'") == [(10,)]
 
 
+@pytest.mark.sqlite_only("a SQLite file opened read-only (mode=ro URI)")
 def test_read_only_database_is_a_clear_error(
     workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
@@ -60,6 +63,9 @@ def test_read_only_database_is_a_clear_error(
     assert server.stats().requests_total == 0
 
 
+@pytest.mark.sqlite_only(
+    "another connection takes the SQLite file's write lock mid-run; the busy timeout runs out"
+)
 def test_database_locked_mid_run_stops_cleanly_and_the_rerun_loses_nothing(
     workdir: Path, mock_server: Callable[..., MockServer]
 ) -> None:
