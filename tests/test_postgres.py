@@ -84,3 +84,25 @@ output = 0.6
     assert [(x["model"], x["attempts"], x["failed_attempts"]) for x in report] == [("mock-small", 60, 30)]
     assert cli("export", "in", "--db", pg_url, "-o", "x.jsonl").exit_code == 0
     assert len((workdir / "x.jsonl").read_bytes().splitlines()) == 30
+
+
+def test_a_password_in_pipeline_db_is_never_printed(
+    workdir: Path, pg_url: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
+    """PIPELINE_DB holding a URL with a password: run, status, report, db upgrade work and hide it."""
+    server = mock_server()
+    write_jsonl(workdir / "in.jsonl", plain_rows(3))
+    # trust auth ignores the password: it stands for a real one that must never be shown
+    env = {"PIPELINE_DB": pg_url.replace("postgres@", "postgres:s3cret-pw@")}
+    args = ["run", "--input", "in.jsonl", "--base-url", server.base_url, "--model", "mock-small", "-q"]
+    outputs = [
+        cli(*args, env=env),
+        cli("status", env=env),
+        cli("report", env=env),
+        cli("db", "upgrade", env=env),
+    ]
+    assert [r.exit_code for r in outputs] == [0, 0, 0, 0], [r.stderr for r in outputs]
+    for r in outputs:
+        assert "s3cret-pw" not in r.stdout + r.stderr
+    assert "postgres:***@" in outputs[0].stdout and "postgres:***@" in outputs[3].stdout
+    assert "3 succeeded" in outputs[1].stdout
