@@ -6,8 +6,8 @@ PostgreSQL mode each test's default database is a fresh PostgreSQL database (cre
 test, dropped after), handed to the pipeline through ``PIPELINE_DB``, which subprocesses
 inherit. Tests read it back with ``helpers.query`` / ``helpers.rows``, which take either a
 SQLite path or a URL. Tests about SQLite itself carry ``@pytest.mark.sqlite_only(reason)``.
-Under CI (CI=true) a PostgreSQL server that cannot be reached fails the test instead of
-skipping it.
+A PostgreSQL server that cannot be reached fails the test in PostgreSQL mode and under CI
+(CI=true); otherwise it skips the few tests that use PostgreSQL whatever the backend (pg_url).
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ async def _pg_admin(sql: str) -> None:
 class PgDatabases:
     """Creates fresh PostgreSQL databases on demand and drops every one of them at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
         self.names: list[str] = []
 
     def create(self) -> str:
@@ -85,6 +86,8 @@ class PgDatabases:
         try:
             anyio.run(_pg_admin, f"CREATE DATABASE {name}")
         except Exception as exc:  # asyncpg raises its own errors and OSError alike
+            if self.backend == "postgresql":
+                pytest.fail(f"--db-backend=postgresql needs PostgreSQL at 127.0.0.1:5432: {exc}")
             if os.environ.get("CI") == "true":
                 pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required under CI: {exc}")
             pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
@@ -97,8 +100,8 @@ class PgDatabases:
 
 
 @pytest.fixture
-def pg_databases() -> Iterator[PgDatabases]:
-    dbs = PgDatabases()
+def pg_databases(db_backend: str) -> Iterator[PgDatabases]:
+    dbs = PgDatabases(db_backend)
     yield dbs
     dbs.drop_all()
 
