@@ -4,12 +4,13 @@ billed failures counted, `report` totals equal to the sum of the attempts, `esti
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import orjson
-from helpers import dict_rows, plain_rows, query, write_jsonl
+from helpers import as_datetime, dict_rows, plain_rows, query, write_jsonl
 
 from pipeline.mock import MockServer
 from pipeline.tokens import estimate_prompt_tokens
@@ -121,6 +122,41 @@ def test_billed_failures_count_and_report_totals_equal_the_sum_of_attempts(
         assert cost == sum(a["cost_picousd"] for a in rows if a["custom_id"] == cid)
     status = orjson.loads(cli("status", "--db", db, "--json").stdout)
     assert Decimal(status["cost_usd"]) == Decimal(total) / PICO
+
+
+def test_report_by_day_and_since_a_day_count_the_attempts_of_those_days(
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
+    """`report --by day` groups attempts by the UTC day they started; `--since DAY` keeps the
+    attempts from that day on; a --since that is not a day is one line, exit 2."""
+    server = mock_server(fail_first=1, fail_status=500)
+    write_jsonl(workdir / "in.jsonl", plain_rows(3))
+    prices = "[prices.mock-small]\ninput = 0.15\noutput = 0.60\n"
+    spec = bill_spec(workdir / "job.toml", server.base_url, prices)
+    assert cli("run", spec, "--db", db, "--out", "out", "-q").exit_code == 0
+    first, last = (
+        as_datetime(t).date() for t in query(db, "SELECT MIN(started_at), MAX(started_at) FROM attempt")[0]
+    )
+    days = sorted({first.isoformat(), last.isoformat()})  # two if the run crossed midnight
+
+    def report(*more: str) -> list[dict[str, Any]]:
+        r = cli("report", "--db", db, "--by", "day", "--format", "json", *more)
+        assert r.exit_code == 0, r.stderr
+        return list(orjson.loads(r.stdout))
+
+    by_day = report()
+    assert [line["day"] for line in by_day] == days
+    assert sum(line["attempts"] for line in by_day) == 6
+    assert sum(line["failed_attempts"] for line in by_day) == 3
+    total = sum(
+        a["cost_picousd"] for a in attempt_rows(db) if a["cost_picousd"] is not None
+    )  # 500s: unbilled
+    assert total > 0 and sum(Decimal(line["cost_usd"]) for line in by_day) == Decimal(total) / PICO
+    assert report("--since", (first - timedelta(days=1)).isoformat()) == by_day
+    assert report("--since", first.isoformat()) == by_day
+    assert report("--since", (last + timedelta(days=1)).isoformat()) == []
+    bad = cli("report", "--db", db, "--since", "last week")
+    assert bad.exit_code == 2 and "--since" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_unknown_price_gives_null_cost_and_one_warning(
