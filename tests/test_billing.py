@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from helpers import as_datetime, dict_rows, plain_rows, query, write_jsonl
 
 from pipeline.mock import MockServer
@@ -157,6 +158,41 @@ def test_report_by_day_and_since_a_day_count_the_attempts_of_those_days(
     assert report("--since", (last + timedelta(days=1)).isoformat()) == []
     bad = cli("report", "--db", db, "--since", "last week")
     assert bad.exit_code == 2 and "--since" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_audit_views_agree_with_the_attempts(
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
+    """The SQL views (what sqlite3 / psql users query) hold the same counts and money as the rows."""
+    server = mock_server(fail_first=1, fail_status=500)
+    write_jsonl(workdir / "in.jsonl", plain_rows(4))
+    prices = "[prices.mock-small]\ninput = 0.15\noutput = 0.60\n"
+    assert (
+        cli("run", bill_spec(workdir / "job.toml", server.base_url, prices), "--db", db, "-q").exit_code == 0
+    )
+    rows = attempt_rows(db)
+    total = sum(a["cost_picousd"] for a in rows if a["cost_picousd"] is not None)
+    assert total > 0 and len(rows) == 8
+
+    (by_run,) = dict_rows(db, "SELECT * FROM cost_by_run")
+    assert (by_run["run_id"], by_run["attempts"], by_run["requests"]) == ("bill", 8, 4)
+    assert by_run["cost_picousd"] == total
+    assert float(by_run["cost_usd"]) == pytest.approx(total / 1e12, rel=1e-12)  # a float, for reading
+    days = dict_rows(db, "SELECT * FROM cost_by_model_day")
+    assert sum(d["attempts"] for d in days) == 8 and sum(d["succeeded"] for d in days) == 4
+    assert sum(d["cost_picousd"] for d in days) == total
+    (route,) = dict_rows(db, "SELECT * FROM failure_rate_by_route")
+    assert (route["model"], route["attempts"], route["failures"], route["failure_rate"]) == (
+        "mock-small",
+        8,
+        4,
+        0.5,
+    )
+    results = dict_rows(db, "SELECT * FROM request_result ORDER BY seq")
+    assert [(r["custom_id"], r["state"], r["attempts"]) for r in results] == [
+        (f"q-{i}", "succeeded", 2) for i in range(4)
+    ]
+    assert len(dict_rows(db, "SELECT * FROM attempt_bill")) == 8
 
 
 def test_unknown_price_gives_null_cost_and_one_warning(
