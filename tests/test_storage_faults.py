@@ -1,8 +1,9 @@
-"""Storage faults: a locked or read-only database gives one clear line, no traceback, no loss."""
+"""Storage faults: a locked, read-only or unreachable database gives one clear line, no traceback, no loss."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -104,3 +105,21 @@ def test_database_locked_mid_run_stops_cleanly_and_the_rerun_loses_nothing(
     # Paid twice at most: what was answered but not recorded, all of it named in flight.
     assert answered_before - done <= in_flight
     assert server.stats().completions - 60 <= in_flight
+
+
+def test_a_database_server_that_cannot_be_reached_is_a_clear_error(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
+    """A PostgreSQL URL whose server is not there: one line naming it (password hidden), exit 1,
+    nothing sent; status says the same."""
+    server = mock_server()
+    write_jsonl(workdir / "in.jsonl", plain_rows(2))
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql+asyncpg://batch:s3cret-pw@127.0.0.1:{port}/pipeline"
+    for r in (run(cli, server, url), cli("status", "--db", url)):
+        assert r.exit_code == 1
+        assert f"database 127.0.0.1:{port}/pipeline:" in r.stderr and "refused" in r.stderr
+        assert "s3cret-pw" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+    assert server.stats().requests_total == 0
