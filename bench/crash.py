@@ -12,6 +12,10 @@ checks, and prints:
 
     python bench/crash.py                    # 2,000 requests, 3 SIGKILLs, then SIGINT, then recovery
     python bench/crash.py --short            # a small version (the test suite runs it)
+    python bench/crash.py --db postgresql+asyncpg://...   # every scenario in that database
+
+Each scenario is its own run (run id: the scenario's name), in a SQLite file of its own
+folder, or with --db in the one database given (an empty one).
 """
 
 from __future__ import annotations
@@ -56,7 +60,21 @@ def _completions(base_url: str) -> int:
     return int(common.mock_stats(base_url, timeout_s=10)["completions"])
 
 
-def _db_count(db: Path, sql: str) -> int:
+def _db_count(db: Path | str, sql: str) -> int:
+    """One number from the database: a SQLite file (0 while it does not exist) or a PostgreSQL URL."""
+    if isinstance(db, str):
+        import anyio
+        import asyncpg
+
+        async def fetch() -> int:
+            conn = await asyncpg.connect("postgresql://" + db.split("://", 1)[1], timeout=30)
+            try:
+                exists = await conn.fetchval("SELECT to_regclass('request') IS NOT NULL")
+                return int(await conn.fetchval(sql)) if exists else 0
+            finally:
+                await conn.close()
+
+        return anyio.run(fetch)
     if not db.exists():
         return 0
     with sqlite3.connect(db, timeout=30) as conn:
@@ -64,7 +82,15 @@ def _db_count(db: Path, sql: str) -> int:
 
 
 def scenario(
-    name: str, *, n: int, kills: int, latency_ms: float, concurrency: int, seed: int, workdir: Path
+    name: str,
+    *,
+    n: int,
+    kills: int,
+    latency_ms: float,
+    concurrency: int,
+    seed: int,
+    workdir: Path,
+    db_url: str | None = None,
 ) -> Result:
     rng = random.Random(seed)
     folder = workdir / name
@@ -94,14 +120,17 @@ concurrency = {concurrency}
 stored_completions = {"true" if name == "recovery" else "false"}
 """
         )
-        cmd = [sys.executable, "-m", "pipeline", "run", str(spec), "--db", "p.db", "--out", "out", "-q"]
+        db: Path | str = db_url or folder / "p.db"
+        cmd = [sys.executable, "-m", "pipeline", "run", str(spec), "--db", str(db), "--run-id", name]
+        cmd += ["--out", "out", "-q"]
         env = common.env_without_api_keys()
         sig = signal.SIGINT if name == "sigint" else signal.SIGKILL
-        db = folder / "p.db"
         in_flight_total = 0
         codes: list[int] = []
         for _ in range(kills):
-            done = _db_count(db, "SELECT COUNT(*) FROM request WHERE state = 'succeeded'")
+            done = _db_count(
+                db, f"SELECT COUNT(*) FROM request WHERE run_id = '{name}' AND state = 'succeeded'"
+            )
             target = done + rng.randint(max(1, n // 20), max(2, n // 4))
             before = _completions(base_url)
             proc = subprocess.Popen(
@@ -116,17 +145,19 @@ stored_completions = {"true" if name == "recovery" else "false"}
                 proc.send_signal(sig)
             proc.wait(timeout=120)
             codes.append(proc.returncode)
-            in_flight_total += _db_count(db, "SELECT COUNT(*) FROM request WHERE state = 'in_flight'")
+            in_flight_total += _db_count(
+                db, f"SELECT COUNT(*) FROM request WHERE run_id = '{name}' AND state = 'in_flight'"
+            )
         final = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
         codes.append(final.returncode)
         answered = _completions(base_url)
     once = _db_count(
         db,
-        "SELECT COUNT(*) FROM (SELECT custom_id FROM attempt WHERE outcome IN ('success', 'recovered') "
-        "GROUP BY custom_id HAVING COUNT(*) = 1)",
+        f"SELECT COUNT(*) FROM (SELECT custom_id FROM attempt WHERE run_id = '{name}' AND "
+        "outcome IN ('success', 'recovered') GROUP BY custom_id HAVING COUNT(*) = 1) AS once",
     )
-    succeeded = _db_count(db, "SELECT COUNT(*) FROM request WHERE state = 'succeeded'")
-    table = pq.read_table(folder / "out" / "crash" / "crash" / "results.parquet")
+    succeeded = _db_count(db, f"SELECT COUNT(*) FROM request WHERE run_id = '{name}' AND state = 'succeeded'")
+    table = pq.read_table(folder / "out" / "crash" / name / "results.parquet")
     ids = table.column("custom_id").to_pylist()
     parquet_ok = (
         len(ids) == n and len(set(ids)) == n and set(table.column("state").to_pylist()) == {"succeeded"}
@@ -145,7 +176,7 @@ stored_completions = {"true" if name == "recovery" else "false"}
     )
 
 
-def run(short: bool, seed: int = 7) -> list[Result]:
+def run(short: bool, seed: int = 7, db_url: str | None = None) -> list[Result]:
     n, latency, concurrency = (300, 50.0, 16) if short else (2000, 100.0, 32)
     kills = 2 if short else 3
     with tempfile.TemporaryDirectory(prefix="pipeline-crash-") as tmp:
@@ -158,6 +189,7 @@ def run(short: bool, seed: int = 7) -> list[Result]:
                 concurrency=concurrency,
                 seed=seed,
                 workdir=Path(tmp),
+                db_url=db_url,
             )
             for name in ("sigkill", "sigint", "recovery")
         ]
@@ -169,8 +201,13 @@ def main() -> int:
     )
     parser.add_argument("--short", action="store_true", help="a small, quick version")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="a PostgreSQL URL (postgresql+asyncpg://...) of an empty database for every scenario",
+    )
     args = parser.parse_args()
-    results = run(args.short, args.seed)
+    results = run(args.short, args.seed, args.db)
     print(f"{'scenario':<9} {'requests':>8} {'kills':>5} {'in flight at kills':>18} {'answered':>8} "
           f"{'sent twice':>10}  exit codes        ok")  # fmt: skip
     for r in results:

@@ -89,6 +89,21 @@ def main() -> None:
     """Batch chat completions against any OpenAI-compatible endpoint, recorded in SQLite and Parquet."""
 
 
+# The help names the variable, never its value: a URL in it may hold a password.
+_DB_DEFAULT_HELP = "default: $PIPELINE_DB, else pipeline.db"
+
+
+def _db_option(*decls: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--db of the commands that read a database: unset, $PIPELINE_DB, else pipeline.db."""
+
+    def resolve(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+        from pipeline.spec import default_db
+
+        return value or default_db()
+
+    return click.option(*decls, callback=resolve, help=f"SQLite file or database URL ({_DB_DEFAULT_HELP}).")
+
+
 def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option(
@@ -112,7 +127,7 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--tpm", type=click.IntRange(min=0), help="Tokens per minute per route (0 = no limit)."),
         click.option("--concurrency", type=click.IntRange(min=1), help="Requests in flight per route."),
-        click.option("--db", help="SQLite file or database URL (default pipeline.db)."),
+        click.option("--db", help=f"SQLite file or database URL ({_DB_DEFAULT_HELP})."),
         click.option("--out", type=click.Path(path_type=Path), help="Output folder (default out/)."),
         click.option("--run-id", help="Run id (default: the job name); rerunning it resumes."),
         click.option("--job", help="Job name (default: the spec file's or input file's name)."),
@@ -233,7 +248,7 @@ def submit(spec: Path | None, verbose: bool, **kw: Any) -> None:
 
 @main.command()
 @click.argument("spec", required=False, type=click.Path(path_type=Path))
-@click.option("--db", default="pipeline.db", show_default=True, help="Database URL (PostgreSQL).")
+@_db_option("--db")
 @click.option("--run", "run_id", help="Work on this run only (default: every submitted run with work left).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: the run's).")
 @click.option(
@@ -292,7 +307,7 @@ def worker(
 
 @main.command()
 @click.argument("run_id", required=False)
-@click.option("--db", default="pipeline.db", show_default=True, help="SQLite file or database URL.")
+@_db_option("--db")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(run_id: str | None, db: str, as_json: bool) -> None:
     """Progress of a run (default: the latest): counts by state, tokens, cost."""
@@ -340,7 +355,7 @@ def status(run_id: str | None, db: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("run_id")
-@click.option("--db", default="pipeline.db", show_default=True, help="SQLite file or database URL.")
+@_db_option("--db")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default RUN.FORMAT).")
 def export(run_id: str, db: str, fmt: str, output: Path | None) -> None:
@@ -353,7 +368,7 @@ def export(run_id: str, db: str, fmt: str, output: Path | None) -> None:
 
 
 @main.command()
-@click.option("--db", default="pipeline.db", show_default=True, help="SQLite file or database URL.")
+@_db_option("--db")
 @click.option("--by", type=click.Choice(["model", "day", "run", "route"]), default="model", show_default=True)
 @click.option("--since", metavar="YYYY-MM-DD", help="Only attempts from this day on.")
 @click.option(
@@ -562,7 +577,7 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@click.option("--db", "db_", default="pipeline.db", show_default=True, help="SQLite file or database URL.")
+@_db_option("--db", "db_")
 def db_upgrade(db_: str) -> None:
     """Apply the schema migrations (runs do this themselves)."""
     from pipeline.spec import db_url

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import anyio
+from sqlalchemy import Date, bindparam, text
 
-from pipeline.errors import RunStateError
+from pipeline.errors import RunStateError, UserError
 from pipeline.inputs import RowSource
 from pipeline.outputs import write_jsonl, write_parquet
 from pipeline.pricing import PriceBook, usd_text
@@ -140,9 +142,15 @@ async def report(db: str, by: str, since: str | None) -> tuple[Sequence[str], li
         {"WHERE date(a.started_at) >= :since" if since else ""}
         GROUP BY {key}
         ORDER BY {key}"""
+    params: dict[str, Any] = {}
+    stmt = text(sql)
+    if since is not None:
+        # A typed parameter: text on SQLite, a date for PostgreSQL (asyncpg refuses a string).
+        params["since"] = _day(since, "--since")
+        stmt = stmt.bindparams(bindparam("since", type_=Date))
     store = await _open(db)
     try:
-        rows = await store.execute_text(sql, {"since": since} if since else {})
+        rows = await store.execute_text(stmt, params)
     finally:
         await store.close()
     out = []
@@ -156,6 +164,13 @@ async def report(db: str, by: str, since: str | None) -> tuple[Sequence[str], li
         out.append(r)
     cols = list(out[0]) if out else [*labels, "requests", "attempts", "cost_usd"]
     return cols, out
+
+
+def _day(value: str, flag: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise UserError(f"{flag}: expected a day as YYYY-MM-DD, got {value!r}") from None
 
 
 async def estimate(spec: JobSpec) -> dict[str, Any]:

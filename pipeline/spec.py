@@ -7,6 +7,8 @@ spec file at all and the same checks apply.
 
 Paths in a spec file (``input.path``) are relative to the spec file; ``db`` and ``out`` are
 relative to the directory the command runs in, like the paths given as flags.
+
+The database: ``--db`` beats the spec's ``db``, which beats ``$PIPELINE_DB``, then pipeline.db.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "RetrySpec",
     "RouteSpec",
     "TemplateSpec",
+    "default_db",
     "is_safe_name",
     "load_spec",
 ]
@@ -43,6 +46,13 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MOCK_URL = "mock"
 DEFAULT_ENDPOINT = "default"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+DB_ENV = "PIPELINE_DB"
+DEFAULT_DB = "pipeline.db"
+
+
+def default_db() -> str:
+    """The database when neither ``--db`` nor the spec names one: ``$PIPELINE_DB``, else pipeline.db."""
+    return os.environ.get(DB_ENV) or DEFAULT_DB
 
 
 def is_safe_name(name: str) -> bool:
@@ -182,7 +192,7 @@ class JobSpec:
     template: TemplateSpec | None = None
     prices: Mapping[str, ModelPrice] = field(default_factory=dict)
     budget_usd: Decimal | None = None
-    db: str = "pipeline.db"
+    db: str = field(default_factory=default_db)
     out: Path = Path("out")
     run_id: str | None = None
     new_run: bool = False
@@ -519,7 +529,7 @@ def _build(raw: dict[str, Any], r: _Reader, default_job: str | None) -> JobSpec:
         template=template,
         prices=prices,
         budget_usd=None if budget is None else r.decimal(budget, "budget_usd"),
-        db=r.string(raw.get("db", "pipeline.db"), "db"),
+        db=r.string(raw["db"], "db") if "db" in raw else default_db(),
         out=Path(r.string(raw.get("out", "out"), "out")),
         run_id=None if run_id is None else r.name(run_id, "run_id"),
         new_run=r.boolean(raw.get("new_run", False), "new_run"),

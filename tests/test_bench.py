@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.backend_free("the benchmarks write their own SQLite files")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.backend_free("the benchmark writes its own SQLite files")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+pytestmark = pytest.mark.backend_free("the benchmark makes its own PostgreSQL databases")
+
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 

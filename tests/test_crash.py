@@ -7,16 +7,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PgDatabases
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(300)
-def test_killed_and_rerun_runs_lose_nothing_and_pay_little_twice() -> None:
+def test_killed_and_rerun_runs_lose_nothing_and_pay_little_twice(
+    db_backend: str, pg_databases: PgDatabases
+) -> None:
     """SIGKILL twice then rerun: one answer per request, server answers <= N + in flight at kills;
-    SIGINT: exit 130 and nothing sent twice; with stored-completion recovery: nothing sent twice."""
+    SIGINT: exit 130 and nothing sent twice; with stored-completion recovery: nothing sent twice.
+    On the suite's backend: SQLite files, or one fresh PostgreSQL database."""
+    db = [] if db_backend == "sqlite" else ["--db", pg_databases.create()]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "crash.py"), "--short"],
+        [sys.executable, str(ROOT / "bench" / "crash.py"), "--short", *db],
         capture_output=True,
         text=True,
         timeout=280,

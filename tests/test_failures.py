@@ -18,14 +18,12 @@ Rows and actions:
 from __future__ import annotations
 
 import socket
-import sqlite3
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import plain_rows, write_jsonl
+from helpers import as_datetime, default_db, dict_rows, plain_rows, query, write_jsonl
 
 from pipeline.mock import MockServer, ModelFaults
 
@@ -77,27 +75,24 @@ path = "in.jsonl"
 
 
 def run(cli: Callable[..., Any], spec: Path, *more: str, key: str = SECRET) -> Any:
-    return cli("run", spec, "--db", "p.db", "--out", "out", "-q", *more, env={"PIPELINE_TEST_KEY": key})
+    return cli("run", spec, "--out", "out", "-q", *more, env={"PIPELINE_TEST_KEY": key})
 
 
-def attempts_by_request(db: Path) -> dict[str, list[dict[str, Any]]]:
-    with sqlite3.connect(db) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT * FROM attempt ORDER BY custom_id, attempt_no").fetchall()
+def attempts_by_request() -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        out.setdefault(r["custom_id"], []).append(dict(r))
+    for r in dict_rows(default_db(), "SELECT * FROM attempt ORDER BY custom_id, attempt_no"):
+        out.setdefault(r["custom_id"], []).append(r)
     return out
 
 
-def requests(db: Path) -> dict[str, tuple[str, int, str | None, str | None]]:
+def requests() -> dict[str, tuple[str, int, str | None, str | None]]:
     """custom_id -> (state, attempts, endpoint and model of the final attempt)."""
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            "SELECT r.custom_id, r.state, r.attempts, a.endpoint, a.model FROM request r "
-            "LEFT JOIN attempt a ON a.run_id = r.run_id AND a.custom_id = r.custom_id "
-            "AND a.attempt_no = r.final_attempt_no"
-        ).fetchall()
+    rows = query(
+        default_db(),
+        "SELECT r.custom_id, r.state, r.attempts, a.endpoint, a.model FROM request r "
+        "LEFT JOIN attempt a ON a.run_id = r.run_id AND a.custom_id = r.custom_id "
+        "AND a.attempt_no = r.final_attempt_no",
+    )
     return {cid: (state, n, ep, model) for cid, state, n, ep, model in rows}
 
 
@@ -110,8 +105,7 @@ def closed_port() -> int:
 
 
 def gap_s(earlier: dict[str, Any], later: dict[str, Any]) -> float:
-    start = datetime.fromisoformat(earlier["started_at"])
-    return (datetime.fromisoformat(later["started_at"]) - start).total_seconds()
+    return (as_datetime(later["started_at"]) - as_datetime(earlier["started_at"])).total_seconds()
 
 
 def check_wait(attempt: dict[str, Any], retry_after: float | None, route_attempt: int) -> None:
@@ -193,10 +187,9 @@ def test_transient_failure_is_retried_on_the_same_route_until_it_succeeds(
     write_jsonl(workdir / "in.jsonl", plain_rows(N_REQUESTS))
     r = run(cli, write_spec(workdir, {"default": server.base_url}, retry=retry))
     assert r.exit_code == 0, r.stderr
-    db = workdir / "p.db"
-    assert set(requests(db).values()) == {("succeeded", failures + 1, "default", PRIMARY)}
+    assert set(requests().values()) == {("succeeded", failures + 1, "default", PRIMARY)}
     assert server.stats().by_model == {PRIMARY: N_REQUESTS * (failures + 1)}
-    for rows in attempts_by_request(db).values():
+    for rows in attempts_by_request().values():
         *failed, last = rows
         assert [(a["outcome"], a["error_class"], a["http_status"]) for a in failed] == [
             ("retry", error_class, status)
@@ -226,10 +219,9 @@ def test_permanent_transient_failure_spends_the_route_retries_then_takes_the_nex
     write_jsonl(workdir / "in.jsonl", plain_rows(N_REQUESTS))
     r = run(cli, write_spec(workdir, {"default": server.base_url}, retry=retry))
     assert r.exit_code == 0, r.stderr
-    db = workdir / "p.db"
-    assert set(requests(db).values()) == {("succeeded", 4, "default", FALLBACK)}
+    assert set(requests().values()) == {("succeeded", 4, "default", FALLBACK)}
     assert server.stats().by_model == {PRIMARY: 3 * N_REQUESTS, FALLBACK: N_REQUESTS}
-    for rows in attempts_by_request(db).values():
+    for rows in attempts_by_request().values():
         assert [(a["model"], a["outcome"], a["error_class"], a["http_status"]) for a in rows] == [
             (PRIMARY, "retry", error_class, status),
             (PRIMARY, "retry", error_class, status),
@@ -255,7 +247,7 @@ def test_the_last_attempt_on_a_route_records_no_wait(
     write_jsonl(workdir / "in.jsonl", plain_rows(1))
     r = run(cli, write_spec(workdir, {"default": server.base_url}))
     assert r.exit_code == 0, r.stderr
-    rows = attempts_by_request(workdir / "p.db")["q-0"]
+    rows = attempts_by_request()["q-0"]
     assert [(a["model"], a["outcome"]) for a in rows] == [
         (PRIMARY, "retry"),
         (PRIMARY, "retry"),
@@ -279,16 +271,15 @@ def test_connect_error_is_retried_then_the_next_route_or_failed(
         fallbacks = f'[{{ model = "{FALLBACK}", endpoint = "backup" }}]'
     write_jsonl(workdir / "in.jsonl", plain_rows(N_REQUESTS))
     r = run(cli, write_spec(workdir, endpoints, fallbacks=fallbacks))
-    db = workdir / "p.db"
     if with_fallback:
         assert r.exit_code == 0, r.stderr
-        assert set(requests(db).values()) == {("succeeded", 4, "backup", FALLBACK)}
+        assert set(requests().values()) == {("succeeded", 4, "backup", FALLBACK)}
         assert backup.stats().by_model == {FALLBACK: N_REQUESTS}
     else:
         assert r.exit_code == 1, r.stderr
-        assert set(requests(db).values()) == {("failed", 3, "dead", PRIMARY)}
+        assert set(requests().values()) == {("failed", 3, "dead", PRIMARY)}
         assert backup.stats().requests_total == 0
-    for rows in attempts_by_request(db).values():
+    for rows in attempts_by_request().values():
         dead = rows[:3]
         assert [(a["endpoint"], a["outcome"], a["error_class"], a["http_status"]) for a in dead] == [
             ("dead", "retry", "transport", None),
@@ -324,10 +315,9 @@ def test_model_specific_failure_moves_to_the_next_route_at_once(
     write_jsonl(workdir / "in.jsonl", plain_rows(N_REQUESTS))
     r = run(cli, write_spec(workdir, {"default": server.base_url}))
     assert r.exit_code == 0, r.stderr
-    db = workdir / "p.db"
-    assert set(requests(db).values()) == {("succeeded", 2, "default", FALLBACK)}
+    assert set(requests().values()) == {("succeeded", 2, "default", FALLBACK)}
     assert server.stats().by_model == {PRIMARY: N_REQUESTS, FALLBACK: N_REQUESTS}
-    for rows in attempts_by_request(db).values():
+    for rows in attempts_by_request().values():
         assert [(a["model"], a["outcome"], a["error_class"], a["http_status"]) for a in rows] == [
             (PRIMARY, "fallback", error_class, status),
             (FALLBACK, "success", None, 200),
@@ -350,10 +340,9 @@ def test_content_filter_fails_the_request_when_the_policy_says_fail(
     spec = write_spec(workdir, {"default": server.base_url}, extra='[policy]\ncontent_filter = "fail"\n')
     r = run(cli, spec)
     assert r.exit_code == 1, r.stderr
-    db = workdir / "p.db"
-    assert set(requests(db).values()) == {("failed", 1, "default", PRIMARY)}
+    assert set(requests().values()) == {("failed", 1, "default", PRIMARY)}
     assert server.stats().by_model == {PRIMARY: N_REQUESTS}
-    for rows in attempts_by_request(db).values():
+    for rows in attempts_by_request().values():
         assert [(a["outcome"], a["error_class"], a["http_status"]) for a in rows] == [
             ("fail", error_class, status)
         ]
@@ -374,12 +363,11 @@ def test_other_4xx_fails_only_that_request_after_one_attempt(
     write_jsonl(workdir / "in.jsonl", rows)
     r = run(cli, write_spec(workdir, {"default": server.base_url}))
     assert r.exit_code == 1, r.stderr
-    db = workdir / "p.db"
-    states = requests(db)
+    states = requests()
     assert states.pop("q-2") == ("failed", 1, "default", PRIMARY)
     assert set(states.values()) == {("succeeded", 1, "default", PRIMARY)}
     assert server.stats().by_model == {PRIMARY: 5}
-    [bad] = attempts_by_request(db)["q-2"]
+    [bad] = attempts_by_request()["q-2"]
     assert (bad["outcome"], bad["error_class"], bad["http_status"], bad["wait_s"]) == (
         "fail",
         "bad_request",
@@ -446,9 +434,8 @@ def test_refusal_stops_the_endpoint_after_the_first_failure_and_leaves_requests_
     assert 1 <= server.stats().requests_total <= CONCURRENCY
     check_stop_message(r.stderr, status)
     assert SECRET not in r.stderr + r.stdout
-    db = workdir / "p.db"
-    assert {state for state, *_ in requests(db).values()} == {"pending"}
-    tried = attempts_by_request(db)
+    assert {state for state, *_ in requests().values()} == {"pending"}
+    tried = attempts_by_request()
     assert 1 <= len(tried) <= CONCURRENCY
     for rows in tried.values():
         assert [(a["outcome"], a["error_class"], a["http_status"], a["wait_s"]) for a in rows] == [
@@ -469,7 +456,7 @@ def test_wrong_key_run_resumes_every_request_once_the_key_is_fixed(
     again = run(cli, spec, key="sk-the-right-key")
     assert again.exit_code == 0, again.stderr
     assert server.stats().by_status == {401: refused, 200: MANY}
-    assert {state for state, *_ in requests(workdir / "p.db").values()} == {"succeeded"}
+    assert {state for state, *_ in requests().values()} == {"succeeded"}
 
 
 @pytest.mark.parametrize(("fault", "error_class", "status", "exit_code"), STOPS)
@@ -496,9 +483,8 @@ def test_refusal_sends_the_requests_to_the_fallback_endpoint(
     assert r.exit_code == 0, r.stderr
     assert 1 <= server.stats().requests_total <= CONCURRENCY
     assert backup.stats().by_status == {200: MANY}
-    db = workdir / "p.db"
-    assert {(s, ep, m) for s, _, ep, m in requests(db).values()} == {("succeeded", "backup", FALLBACK)}
-    for rows in attempts_by_request(db).values():
+    assert {(s, ep, m) for s, _, ep, m in requests().values()} == {("succeeded", "backup", FALLBACK)}
+    for rows in attempts_by_request().values():
         *refused, last = rows
         assert [(a["endpoint"], a["outcome"], a["error_class"], a["http_status"]) for a in refused] in (
             [],
@@ -520,10 +506,9 @@ def test_max_attempts_per_request_bounds_attempts_across_routes(
     spec = write_spec(workdir, {"default": server.base_url}, retry={"max_attempts_per_request": 4})
     r = run(cli, spec)
     assert r.exit_code == 1, r.stderr
-    db = workdir / "p.db"
-    assert set(requests(db).values()) == {("failed", 4, "default", FALLBACK)}
+    assert set(requests().values()) == {("failed", 4, "default", FALLBACK)}
     assert server.stats().by_model == {PRIMARY: 3 * N_REQUESTS, FALLBACK: N_REQUESTS}
-    for rows in attempts_by_request(db).values():
+    for rows in attempts_by_request().values():
         assert [(a["model"], a["outcome"]) for a in rows] == [
             (PRIMARY, "retry"),
             (PRIMARY, "retry"),
@@ -541,10 +526,9 @@ def test_every_route_spent_leaves_the_request_failed_after_each_routes_retries(
     write_jsonl(workdir / "in.jsonl", plain_rows(N_REQUESTS))
     r = run(cli, write_spec(workdir, {"default": server.base_url}, retry={"max_attempts_per_route": 2}))
     assert r.exit_code == 1, r.stderr
-    db = workdir / "p.db"
-    assert set(requests(db).values()) == {("failed", 4, "default", FALLBACK)}
+    assert set(requests().values()) == {("failed", 4, "default", FALLBACK)}
     assert server.stats().by_model == {PRIMARY: 2 * N_REQUESTS, FALLBACK: 2 * N_REQUESTS}
-    for rows in attempts_by_request(db).values():
+    for rows in attempts_by_request().values():
         assert [(a["model"], a["outcome"], a["http_status"]) for a in rows] == [
             (PRIMARY, "retry", 500),
             (PRIMARY, "retries_spent", 500),

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import plain_rows, query, write_jsonl
+from helpers import default_db, plain_rows, query, write_jsonl
 
 from pipeline.mock import MockServer
 
@@ -20,7 +20,7 @@ def start_run(
     workdir: Path, server: MockServer, *extra: str
 ) -> tuple[subprocess.Popen[str], list[str], dict[str, str]]:
     args = [sys.executable, "-m", "pipeline", "run", "--input", "in.jsonl", "--base-url", server.base_url]
-    args += ["--model", "mock-small", "--concurrency", "4", "--db", "p.db", "-q", *extra]
+    args += ["--model", "mock-small", "--concurrency", "4", "-q", *extra]  # the default database
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     proc = subprocess.Popen(
         args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -48,7 +48,7 @@ def test_first_signal_lets_in_flight_finish_then_exits_130_and_nothing_is_sent_t
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    db = workdir / "p.db"
+    db = default_db()
     done = query(db, "SELECT COUNT(*) FROM request WHERE state = 'succeeded'")[0][0]
     assert 20 <= done < 100
     assert query(db, "SELECT COUNT(*) FROM request WHERE state = 'in_flight'") == [(0,)]
@@ -76,12 +76,12 @@ def test_second_signal_stops_at_once_leaving_in_flight_requests_named(
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    db = workdir / "p.db"
+    db = default_db()
     in_flight = query(db, "SELECT COUNT(*) FROM request WHERE state = 'in_flight'")[0][0]
     assert in_flight == 4  # the four sent; the claimed but unsent were given back
     assert query(db, "SELECT COUNT(*) FROM request WHERE state = 'pending'") == [(16,)]
     status = subprocess.run(
-        [sys.executable, "-m", "pipeline", "status", "--db", "p.db"],
+        [sys.executable, "-m", "pipeline", "status"],
         cwd=workdir,
         capture_output=True,
         text=True,

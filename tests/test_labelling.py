@@ -3,7 +3,6 @@ validated labels out; invalid answers retried; refusals, exhausted reasoning, n 
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import jsonschema
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-from helpers import query, write_jsonl
+from helpers import default_db, dict_rows, query, write_jsonl
 
 from pipeline.mock import MockServer, ModelFaults
 
@@ -84,19 +83,18 @@ def _toml_inline(value: Any) -> str:
 
 
 def run(cli: Callable[..., Any], spec: Path, *extra: str) -> Any:
-    return cli("run", spec, "--db", "p.db", "--out", "out", "-q", *extra)
+    return cli("run", spec, "--out", "out", "-q", *extra)
 
 
-def attempts(db: Path) -> dict[str, list[dict[str, Any]]]:
-    with sqlite3.connect(db) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(
-            "SELECT a.*, c.validation_error, c.parsed FROM attempt a LEFT JOIN completion c USING "
-            "(run_id, custom_id, attempt_no) ORDER BY a.custom_id, a.attempt_no"
-        ).fetchall()
+def attempts() -> dict[str, list[dict[str, Any]]]:
+    rows = dict_rows(
+        default_db(),
+        "SELECT a.*, c.validation_error, c.parsed FROM attempt a LEFT JOIN completion c USING "
+        "(run_id, custom_id, attempt_no) ORDER BY a.custom_id, a.attempt_no",
+    )
     out: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        out.setdefault(r["custom_id"], []).append(dict(r))
+        out.setdefault(r["custom_id"], []).append(r)
     return out
 
 
@@ -117,7 +115,7 @@ def test_labelled_table_comes_back_in_order_with_valid_labels_and_invalid_answer
     assert table.column("chars").type == pa.int64()
     for parsed in table.column("parsed").to_pylist():
         jsonschema.validate(orjson.loads(parsed), SCHEMA)
-    by_request = attempts(workdir / "p.db")
+    by_request = attempts()
     faulty = {row["msg_id"] for row in rows if "refund" in row["text"]}
     assert len(faulty) == 5
     for cid, tries in by_request.items():
@@ -142,10 +140,10 @@ def test_answers_that_never_match_the_schema_fail_after_the_configured_retries(
     write_table(workdir / "emails.parquet", 10)
     r = run(cli, label_spec(workdir, server.base_url, extra="\n[policy]\ninvalid_answer_retries = 1\n"))
     assert r.exit_code == 1
-    failed = query(workdir / "p.db", "SELECT custom_id, attempts, error FROM request WHERE state = 'failed'")
+    failed = query(default_db(), "SELECT custom_id, attempts, error FROM request WHERE state = 'failed'")
     assert [(cid, n) for cid, n, _ in failed] == [("m002", 2), ("m007", 2)]
     assert all("does not match the schema" in err and "mock_unexpected" in err for _, _, err in failed)
-    assert query(workdir / "p.db", "SELECT COUNT(*) FROM request WHERE state = 'succeeded'") == [(8,)]
+    assert query(default_db(), "SELECT COUNT(*) FROM request WHERE state = 'succeeded'") == [(8,)]
 
 
 def test_a_refusal_is_recorded_as_a_refusal_not_retried(
@@ -170,14 +168,14 @@ def test_reasoning_that_ate_max_tokens_is_reported_and_can_be_retried_with_more(
     server = mock_server(reasoning_tokens=100)
     write_table(workdir / "emails.parquet", 4)
     assert run(cli, label_spec(workdir, server.base_url)).exit_code == 1
-    errors = query(workdir / "p.db", "SELECT state, error FROM request")
+    errors = query(default_db(), "SELECT state, error FROM request")
     assert len(errors) == 4 and all(state == "failed" for state, _ in errors)
     assert all(
         "reasoning used up the output budget (max_tokens=60, 60 reasoning tokens)" in e for _, e in errors
     )
     spec = label_spec(workdir, server.base_url, extra='\n[policy]\nreasoning_exhausted = "grow"\n')
     assert run(cli, spec, "--new-run", "--run-id", "grow").exit_code == 0
-    for cid, tries in attempts(workdir / "p.db").items():
+    for cid, tries in attempts().items():
         grown = [t for t in tries if t["run_id"] == "grow"]
         assert [(t["outcome"], t["error_class"]) for t in grown] == [
             ("retry", "reasoning_exhausted"),
@@ -200,7 +198,7 @@ def test_n_above_1_keeps_every_choice(
 
 
 def test_skip_mode_rejects_bad_rows_with_their_reason_and_sends_the_rest(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """--on-bad-row skip: bad rows are recorded rejected with the reason, good ones answered, exit 1."""
     server = mock_server()
@@ -209,10 +207,10 @@ def test_skip_mode_rejects_bad_rows_with_their_reason_and_sends_the_rest(
     (workdir / "in.jsonl").write_text((workdir / "in.jsonl").read_text() + "{not json\n")
     r = cli(
         "run", "--input", "in.jsonl", "--base-url", server.base_url, "--model", "mock-small",
-        "--db", "p.db", "--out", "out", "-q", "--on-bad-row", "skip",
+        "--db", db, "--out", "out", "-q", "--on-bad-row", "skip",
     )  # fmt: skip
     assert r.exit_code == 1, r.stderr
-    states = query(workdir / "p.db", "SELECT seq, state, error FROM request ORDER BY seq")
+    states = query(db, "SELECT seq, state, error FROM request ORDER BY seq")
     assert [(s, st) for s, st, _ in states] == [
         (0, "succeeded"),
         (1, "rejected"),

@@ -1,52 +1,23 @@
 """PostgreSQL as the store: the same migrations, views and commands as on SQLite.
 
-Uses the server these machines run on 127.0.0.1:5432 (trust auth). Each test gets a fresh
-database. Under CI (CI=true) a server that cannot be reached fails the test instead of
-skipping it.
+Uses the server these machines run on 127.0.0.1:5432 (trust auth) whatever the suite's
+--db-backend: each test gets a fresh database (conftest's ``pg_url``). Under CI (CI=true) a
+server that cannot be reached fails the test instead of skipping it.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
-import pytest
 from helpers import plain_rows, write_jsonl
 
 from pipeline.mock import MockServer
 from pipeline.store import Store
 from pipeline.store.schema import VIEWS
-
-ADMIN = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-
-
-async def _admin(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database, dropped afterwards."""
-    name = f"pipeline_{uuid.uuid4().hex[:12]}"
-    try:
-        anyio.run(_admin, f"CREATE DATABASE {name}")
-    except (OSError, Exception) as exc:  # asyncpg raises its own errors and OSError alike
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required under CI: {exc}")
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
-    yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    anyio.run(_admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_migrations_views_and_models_agree_on_postgresql(pg_url: str) -> None:
@@ -113,3 +84,25 @@ output = 0.6
     assert [(x["model"], x["attempts"], x["failed_attempts"]) for x in report] == [("mock-small", 60, 30)]
     assert cli("export", "in", "--db", pg_url, "-o", "x.jsonl").exit_code == 0
     assert len((workdir / "x.jsonl").read_bytes().splitlines()) == 30
+
+
+def test_a_password_in_pipeline_db_is_never_printed(
+    workdir: Path, pg_url: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
+    """PIPELINE_DB holding a URL with a password: run, status, report, db upgrade work and hide it."""
+    server = mock_server()
+    write_jsonl(workdir / "in.jsonl", plain_rows(3))
+    # trust auth ignores the password: it stands for a real one that must never be shown
+    env = {"PIPELINE_DB": pg_url.replace("postgres@", "postgres:s3cret-pw@")}
+    args = ["run", "--input", "in.jsonl", "--base-url", server.base_url, "--model", "mock-small", "-q"]
+    outputs = [
+        cli(*args, env=env),
+        cli("status", env=env),
+        cli("report", env=env),
+        cli("db", "upgrade", env=env),
+    ]
+    assert [r.exit_code for r in outputs] == [0, 0, 0, 0], [r.stderr for r in outputs]
+    for r in outputs:
+        assert "s3cret-pw" not in r.stdout + r.stderr
+    assert "postgres:***@" in outputs[0].stdout and "postgres:***@" in outputs[3].stdout
+    assert "3 succeeded" in outputs[1].stdout

@@ -3,9 +3,7 @@ SQLite file and real Parquet files."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,16 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import plain_rows, query, write_jsonl
+from helpers import (
+    as_datetime,
+    default_db,
+    dict_rows,
+    every_row_as_text,
+    plain_rows,
+    query,
+    untouched,
+    write_jsonl,
+)
 
 from pipeline.mock import MockServer
 
@@ -46,7 +53,7 @@ output = 0.60
     return path
 
 
-def run_args(server: MockServer, *more: str, model: str = "mock-small") -> list[str]:
+def run_args(db: str, server: MockServer, *more: str, model: str = "mock-small") -> list[str]:
     return [
         "run",
         "--input",
@@ -56,7 +63,7 @@ def run_args(server: MockServer, *more: str, model: str = "mock-small") -> list[
         "--model",
         model,
         "--db",
-        "p.db",
+        db,
         "--out",
         "out",
         "-q",
@@ -68,24 +75,18 @@ def results(workdir: Path, job: str, run_id: str | None = None) -> pa.Table:
     return pq.read_table(workdir / "out" / job / (run_id or job) / "results.parquet")
 
 
-def attempts(db: Path, custom_id: str) -> list[dict[str, Any]]:
-    with sqlite3.connect(db) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(
-            "SELECT * FROM attempt WHERE custom_id = ? ORDER BY attempt_no", (custom_id,)
-        ).fetchall()
-    return [dict(r) for r in rows]
+def attempts(db: str, custom_id: str) -> list[dict[str, Any]]:
+    return dict_rows(db, "SELECT * FROM attempt WHERE custom_id = ? ORDER BY attempt_no", custom_id)
 
 
 def test_all_requests_succeed_and_parquet_holds_the_same_rows(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """Every row gets one succeeded request in SQLite, and Parquet holds the same rows."""
     server = mock_server(latency_ms=5)
     write_jsonl(workdir / "in.jsonl", plain_rows(40))
-    r = cli(*run_args(server))
+    r = cli(*run_args(db, server))
     assert r.exit_code == 0, r.stderr
-    db = workdir / "p.db"
     assert query(db, "SELECT state, COUNT(*) FROM request GROUP BY state") == [("succeeded", 40)]
     assert query(db, "SELECT COUNT(*) FROM attempt WHERE outcome = 'success'") == [(40,)]
     table = results(workdir, "in").to_pylist()
@@ -99,15 +100,15 @@ def test_all_requests_succeed_and_parquet_holds_the_same_rows(
 
 
 def test_429_with_retry_after_is_waited_out_then_succeeds(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """A 429 with Retry-After: 1 is retried on the same route after at least one second."""
     server = mock_server(fail_first=1, fail_status=429, retry_after_s=1.0)
     write_jsonl(workdir / "in.jsonl", plain_rows(3))
-    r = cli(*run_args(server))
+    r = cli(*run_args(db, server))
     assert r.exit_code == 0, r.stderr
     for i in range(3):
-        first, second = attempts(workdir / "p.db", f"q-{i}")
+        first, second = attempts(db, f"q-{i}")
         assert (first["http_status"], first["outcome"], first["error_class"]) == (
             429,
             "retry",
@@ -115,40 +116,40 @@ def test_429_with_retry_after_is_waited_out_then_succeeds(
         )
         assert first["retry_after_s"] == 1.0 and first["wait_s"] == 1.0
         assert (second["http_status"], second["outcome"]) == (200, "success")
-        gap = datetime.fromisoformat(second["started_at"]) - datetime.fromisoformat(first["started_at"])
+        gap = as_datetime(second["started_at"]) - as_datetime(first["started_at"])
         assert gap.total_seconds() >= 0.95
     assert server.stats().by_status == {429: 3, 200: 3}
 
 
 def test_500_is_retried_then_succeeds(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """A 500 is retried on the same route and the second attempt succeeds."""
     server = mock_server(fail_first=1, fail_status=500)
     write_jsonl(workdir / "in.jsonl", plain_rows(4))
     spec = spec_file(workdir / "job.toml", server.base_url)
-    r = cli("run", spec, "--db", "p.db", "--out", "out", "-q")
+    r = cli("run", spec, "--db", db, "--out", "out", "-q")
     assert r.exit_code == 0, r.stderr
-    first, second = attempts(workdir / "p.db", "q-2")
+    first, second = attempts(db, "q-2")
     assert (first["http_status"], first["error_class"], first["outcome"]) == (
         500,
         "server_error",
         "retry",
     )
     assert second["outcome"] == "success" and second["model"] == "mock-small"
-    assert query(workdir / "p.db", "SELECT COUNT(*) FROM request WHERE state = 'succeeded'") == [(4,)]
+    assert query(db, "SELECT COUNT(*) FROM request WHERE state = 'succeeded'") == [(4,)]
 
 
 def test_unknown_primary_model_falls_back_to_the_next_with_both_attempts_recorded(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """A 404 model_not_found moves straight to the fallback model; both attempts are kept."""
     server = mock_server()
     write_jsonl(workdir / "in.jsonl", plain_rows(5))
-    r = cli(*run_args(server, "--fallback", "mock-large", model="no-such-model"))
+    r = cli(*run_args(db, server, "--fallback", "mock-large", model="no-such-model"))
     assert r.exit_code == 0, r.stderr
     for i in range(5):
-        first, second = attempts(workdir / "p.db", f"q-{i}")
+        first, second = attempts(db, f"q-{i}")
         assert (first["model"], first["http_status"], first["outcome"], first["error_class"]) == (
             "no-such-model",
             404,
@@ -161,15 +162,14 @@ def test_unknown_primary_model_falls_back_to_the_next_with_both_attempts_recorde
 
 
 def test_retries_spent_leave_the_request_failed_and_recorded_with_exit_1(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """When every retry fails, the request is recorded failed, the run goes on, exit status 1."""
     server = mock_server(fail_first=1000, fail_status=503)
     write_jsonl(workdir / "in.jsonl", plain_rows(3))
     spec = spec_file(workdir / "job.toml", server.base_url)
-    r = cli("run", spec, "--db", "p.db", "--out", "out", "-q")
+    r = cli("run", spec, "--db", db, "--out", "out", "-q")
     assert r.exit_code == 1
-    db = workdir / "p.db"
     assert query(db, "SELECT state, attempts FROM request") == [("failed", 3)] * 3
     rows = attempts(db, "q-0")
     assert [a["outcome"] for a in rows] == ["retry", "retry", "retries_spent"]
@@ -181,72 +181,71 @@ def test_retries_spent_leave_the_request_failed_and_recorded_with_exit_1(
 
 
 def test_malformed_line_3_exits_2_naming_it_and_sends_nothing(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """A malformed JSON line stops the run before anything is sent, with one clear line."""
     server = mock_server()
     lines = [orjson.dumps(r).decode() for r in plain_rows(4)]
     lines[2] = '{"custom_id": "q-2", "messages": [}'
     (workdir / "in.jsonl").write_text("\n".join(lines) + "\n")
-    r = cli(*run_args(server))
+    r = cli(*run_args(db, server))
     assert r.exit_code == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "in.jsonl: line 3" in err[0] and "malformed JSON" in err[0]
     assert "Traceback" not in r.stderr + r.stdout
     assert server.stats().requests_total == 0
-    db = workdir / "p.db"
     assert query(db, "SELECT state FROM run") == [("rejected",)]
     assert query(db, "SELECT COUNT(*) FROM request") == [(0,)]
 
 
 def test_rerunning_a_finished_run_sends_nothing(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """The same command twice: the second finds every request done and sends none."""
     server = mock_server()
     write_jsonl(workdir / "in.jsonl", plain_rows(10))
-    assert cli(*run_args(server)).exit_code == 0
+    assert cli(*run_args(db, server)).exit_code == 0
     assert server.stats().requests_total == 10
-    again = cli(*run_args(server))
+    again = cli(*run_args(db, server))
     assert again.exit_code == 0, again.stderr
     assert server.stats().requests_total == 10
     assert results(workdir, "in").num_rows == 10
 
 
 def test_changed_input_under_the_same_run_is_refused(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """A resumed run whose input changed stops with a clear message and exit 2."""
     server = mock_server()
     write_jsonl(workdir / "in.jsonl", plain_rows(3))
-    assert cli(*run_args(server)).exit_code == 0
+    assert cli(*run_args(db, server)).exit_code == 0
     write_jsonl(workdir / "in.jsonl", plain_rows(4))
-    r = cli(*run_args(server))
+    r = cli(*run_args(db, server))
     assert r.exit_code == 2
     assert "input changed" in r.stderr and "--new-run" in r.stderr
     assert "line 4: request 'q-3' is new" in r.stderr
     rows = plain_rows(3)
     rows[1]["temperature"] = 0.5
     write_jsonl(workdir / "in.jsonl", rows)
-    r = cli(*run_args(server))
+    r = cli(*run_args(db, server))
     assert r.exit_code == 2 and "line 2: the body of request 'q-1' changed" in r.stderr
     write_jsonl(workdir / "in.jsonl", plain_rows(4))
-    fresh = cli(*run_args(server, "--new-run"))
+    fresh = cli(*run_args(db, server, "--new-run"))
     assert fresh.exit_code == 0, fresh.stderr
     assert server.stats().requests_total == 7
 
 
 def test_export_writes_openai_batch_output_lines(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """`pipeline export RUN --format jsonl` writes one batch-output line per request."""
     server = mock_server(fail_first=1000, fail_status=400)
     rows = plain_rows(2)
     write_jsonl(workdir / "in.jsonl", rows)
-    assert cli(*run_args(server)).exit_code == 1  # 400 fails the request
+    assert cli(*run_args(db, server)).exit_code == 1  # 400 fails the request
     server2 = mock_server()
-    assert cli(*run_args(server2, "--new-run", "--run-id", "ok")).exit_code == 0
-    r = cli("export", "ok", "--db", "p.db", "--format", "jsonl", "-o", "ok.jsonl")
+    assert cli(*run_args(db, server2, "--new-run", "--run-id", "ok")).exit_code == 0
+    r = cli("export", "ok", "--db", db, "--format", "jsonl", "-o", "ok.jsonl")
     assert r.exit_code == 0, r.stderr
     lines = [orjson.loads(x) for x in (workdir / "ok.jsonl").read_bytes().splitlines()]
     assert [x["custom_id"] for x in lines] == ["q-0", "q-1"]
@@ -256,38 +255,36 @@ def test_export_writes_openai_batch_output_lines(
         assert x["error"] is None and x["response"]["status_code"] == 200
         assert x["response"]["request_id"].startswith("req_")
         assert x["response"]["body"]["object"] == "chat.completion"
-    failed = cli("export", "in", "--db", "p.db", "-o", "failed.jsonl")
+    failed = cli("export", "in", "--db", db, "-o", "failed.jsonl")
     assert failed.exit_code == 0
     line = orjson.loads((workdir / "failed.jsonl").read_bytes().splitlines()[0])
     assert line["response"]["status_code"] == 400 and line["error"]["code"] == "bad_request"
 
 
 def test_status_reports_counts_tokens_and_cost(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """`pipeline status --json` gives counts by state, tokens and the computed cost."""
     server = mock_server()
     write_jsonl(workdir / "in.jsonl", plain_rows(6))
     spec = spec_file(workdir / "job.toml", server.base_url)
-    assert cli("run", spec, "--db", "p.db", "--out", "out", "-q").exit_code == 0
-    r = cli("status", "--db", "p.db", "--json")
+    assert cli("run", spec, "--db", db, "--out", "out", "-q").exit_code == 0
+    r = cli("status", "--db", db, "--json")
     assert r.exit_code == 0, r.stderr
     info = orjson.loads(r.stdout)
     assert info["run_id"] == "t" and info["state"] == "completed"
     assert info["counts"] == {"pending": 0, "in_flight": 0, "succeeded": 6, "failed": 0, "rejected": 0}
-    prompt, completion = query(
-        workdir / "p.db", "SELECT SUM(prompt_tokens), SUM(completion_tokens) FROM attempt"
-    )[0]
+    prompt, completion = query(db, "SELECT SUM(prompt_tokens), SUM(completion_tokens) FROM attempt")[0]
     assert (info["prompt_tokens"], info["completion_tokens"]) == (prompt, completion)
     # 0.15 and 0.60 USD per million tokens, exactly.
     expected = (prompt * 15 + completion * 60) / 100_000_000
     assert abs(float(info["cost_usd"]) - expected) < 1e-15
-    text = cli("status", "t", "--db", "p.db")
+    text = cli("status", "t", "--db", db)
     assert "6 succeeded" in text.stdout
 
 
 def test_template_rows_keep_their_columns_in_the_output(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """Data records + a template: the output holds the record's columns then the answer."""
     server = mock_server()
@@ -298,18 +295,18 @@ def test_template_rows_keep_their_columns_in_the_output(
         extra='\n[template]\nmessages = [{ role = "user", content = "Label: {text}" }]\n',
     )
     spec.write_text(spec.read_text().replace('path = "in.jsonl"', 'path = "in.jsonl"\nid_column = "id"'))
-    r = cli("run", spec, "--db", "p.db", "--out", "out", "-q")
+    r = cli("run", spec, "--db", db, "--out", "out", "-q")
     assert r.exit_code == 0, r.stderr
     table = results(workdir, "t")
     assert table.column_names[:3] == ["id", "text", "n"]
     assert table.column("custom_id").to_pylist() == [f"r{i}" for i in range(5)]
     assert table.column("n").type == pa.int64()
-    body = orjson.loads(query(workdir / "p.db", "SELECT body FROM request WHERE custom_id = 'r3'")[0][0])
+    body = orjson.loads(query(db, "SELECT body FROM request WHERE custom_id = 'r3'")[0][0])
     assert body["messages"] == [{"role": "user", "content": "Label: text 3"}]
 
 
 def test_parquet_input_in_batch_api_shape_runs(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """A Parquet input of OpenAI Batch API rows is streamed and answered."""
     server = mock_server()
@@ -336,13 +333,13 @@ def test_parquet_input_in_batch_api_shape_runs(
         "--model",
         "mock-small",
         "--db",
-        "p.db",
+        db,
         "--out",
         "out",
         "-q",
     )
     assert r.exit_code == 0, r.stderr
-    assert query(workdir / "p.db", "SELECT COUNT(*) FROM request WHERE state = 'succeeded'") == [(7,)]
+    assert query(db, "SELECT COUNT(*) FROM request WHERE state = 'succeeded'") == [(7,)]
     assert results(workdir, "in").column("custom_id").to_pylist() == [f"b{i}" for i in range(7)]
 
 
@@ -379,6 +376,7 @@ def test_parquet_input_in_batch_api_shape_runs(
 )
 def test_bad_input_exits_2_with_one_line_and_sends_nothing(
     workdir: Path,
+    db: str,
     mock_server: Callable[..., MockServer],
     cli: Callable[..., Any],
     rows: list[Any],
@@ -388,7 +386,7 @@ def test_bad_input_exits_2_with_one_line_and_sends_nothing(
     """Bad rows and bad flags: one line naming the place, exit 2, no request sent."""
     server = mock_server()
     write_jsonl(workdir / "in.jsonl", rows)
-    r = cli(*run_args(server, *args))
+    r = cli(*run_args(db, server, *args))
     assert r.exit_code == 2
     assert expected in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -406,7 +404,7 @@ def test_unknown_field_in_spec_and_missing_input_are_one_line_errors(
     assert r.exit_code == 2 and "job.toml: colour: unknown field" in r.stderr
     r = cli("run", "--input", "nope.jsonl", "--base-url", "http://127.0.0.1:9/v1", "--model", "m")
     assert r.exit_code == 2 and "input.path: input file not found: nope.jsonl" in r.stderr
-    assert not (workdir / "pipeline.db").exists()
+    assert untouched(default_db())
 
 
 def test_missing_api_key_for_a_remote_endpoint_stops_before_anything(
@@ -427,26 +425,27 @@ def test_missing_api_key_for_a_remote_endpoint_stops_before_anything(
     )
     assert r.exit_code == 2
     assert "PIPELINE_TEST_KEY is not set" in r.stderr
-    assert not (workdir / "pipeline.db").exists()
+    assert untouched(default_db())
 
 
 def test_api_key_is_sent_but_never_stored(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """The key from the named variable authenticates; it is in no file the run writes."""
     secret = "sk-test-DO-NOT-STORE-1234567890"
     server = mock_server(api_key=secret)
     write_jsonl(workdir / "in.jsonl", plain_rows(3))
-    r = cli(*run_args(server, "--api-key-env", "PIPELINE_TEST_KEY"), env={"PIPELINE_TEST_KEY": secret})
+    r = cli(*run_args(db, server, "--api-key-env", "PIPELINE_TEST_KEY"), env={"PIPELINE_TEST_KEY": secret})
     assert r.exit_code == 0, r.stderr
     assert secret not in r.stdout + r.stderr
     for f in workdir.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
+    assert secret not in every_row_as_text(db)
 
 
 def test_budget_cap_stops_dispatch_with_exit_3_and_a_larger_budget_finishes(
-    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+    workdir: Path, db: str, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
     """A budget for part of the input: exit 3 under the cap; a larger one finishes, none sent twice."""
     server = mock_server()
@@ -457,14 +456,14 @@ def test_budget_cap_stops_dispatch_with_exit_3_and_a_larger_budget_finishes(
     write_jsonl(workdir / "in.jsonl", rows)
     spec = spec_file(workdir / "job.toml", server.base_url)
     # Worst case per request: about (65 * 1.25 + 16) prompt tokens at 0.15 and 20 at 0.60 per million.
-    r = cli("run", spec, "--db", "p.db", "--out", "out", "-q", "--budget-usd", "0.0002", "--concurrency", "2")
+    r = cli("run", spec, "--db", db, "--out", "out", "-q", "--budget-usd", "0.0002", "--concurrency", "2")
     assert r.exit_code == 3, r.stderr
     assert "budget cap" in r.stderr and "--budget-usd" in r.stderr
-    spent = query(workdir / "p.db", "SELECT SUM(cost_picousd) FROM attempt")[0][0]
+    spent = query(db, "SELECT SUM(cost_picousd) FROM attempt")[0][0]
     assert 0 < spent <= 200_000_000  # picodollars: never over the cap
-    done = query(workdir / "p.db", "SELECT COUNT(*) FROM request WHERE state = 'succeeded'")[0][0]
+    done = query(db, "SELECT COUNT(*) FROM request WHERE state = 'succeeded'")[0][0]
     assert 5 <= done < 20
-    r = cli("run", spec, "--db", "p.db", "--out", "out", "-q", "--budget-usd", "1")
+    r = cli("run", spec, "--db", db, "--out", "out", "-q", "--budget-usd", "1")
     assert r.exit_code == 0, r.stderr
     assert server.stats().requests_total == 20
-    assert query(workdir / "p.db", "SELECT COUNT(*) FROM attempt") == [(20,)]
+    assert query(db, "SELECT COUNT(*) FROM attempt") == [(20,)]

@@ -12,6 +12,7 @@ import pytest
 from pipeline.errors import SpecError
 from pipeline.spec import (
     EndpointSpec,
+    InputSpec,
     JobSpec,
     LimitsSpec,
     ModelPrice,
@@ -212,6 +213,46 @@ def test_flag_overrides_replace_spec_values(tmp_path: Path) -> None:
     text = minimal(tables="[limits]\nrpm = 10\ntpm = 20\n")
     spec = load_spec(write_spec(tmp_path, text), {"model": "n", "limits": {"rpm": 99}})
     assert spec.routes == (RouteSpec(endpoint="default", model="n", limits=LimitsSpec(rpm=99, tpm=20)),)
+
+
+@pytest.mark.parametrize(
+    ("flag", "in_spec", "env", "expected"),
+    [
+        pytest.param(None, None, None, "pipeline.db", id="nothing-set"),
+        pytest.param(None, None, "", "pipeline.db", id="empty-env-is-unset"),
+        pytest.param(None, None, "env.db", "env.db", id="env"),
+        pytest.param(None, "spec.db", "env.db", "spec.db", id="spec-beats-env"),
+        pytest.param("flag.db", "spec.db", "env.db", "flag.db", id="flag-beats-spec-and-env"),
+        pytest.param("flag.db", None, "env.db", "flag.db", id="flag-beats-env"),
+        pytest.param(
+            None, None, "postgresql+asyncpg://u:pw@h/db", "postgresql+asyncpg://u:pw@h/db", id="url"
+        ),
+    ],
+)
+def test_database_precedence_is_flag_then_spec_then_pipeline_db_then_pipeline_db_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    flag: str | None,
+    in_spec: str | None,
+    env: str | None,
+    expected: str,
+) -> None:
+    """--db beats the spec's ``db``, which beats $PIPELINE_DB, which beats pipeline.db."""
+    if env is None:
+        monkeypatch.delenv("PIPELINE_DB", raising=False)
+    else:
+        monkeypatch.setenv("PIPELINE_DB", env)
+    text = minimal(top=f'db = "{in_spec}"' if in_spec else "")
+    spec = load_spec(write_spec(tmp_path, text), {"db": flag} if flag else {})
+    assert spec.db == expected
+
+
+def test_pipeline_db_is_read_when_the_spec_is_loaded_not_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JobSpec built in code takes $PIPELINE_DB as it is at that moment."""
+    monkeypatch.setenv("PIPELINE_DB", "first.db")
+    assert JobSpec(job="j", input=InputSpec(Path("in.jsonl")), endpoints={}, routes=()).db == "first.db"
+    monkeypatch.delenv("PIPELINE_DB")
+    assert JobSpec(job="j", input=InputSpec(Path("in.jsonl")), endpoints={}, routes=()).db == "pipeline.db"
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
-"""Storage faults: a locked or read-only database gives one clear line, no traceback, no loss."""
+"""Storage faults: a locked, read-only or unreachable database gives one clear line, no traceback, no loss."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import plain_rows, query, write_jsonl
 
 from pipeline.mock import MockServer
@@ -23,6 +25,7 @@ def run(cli: Callable[..., Any], server: MockServer, db: str, *extra: str) -> An
     )  # fmt: skip
 
 
+@pytest.mark.sqlite_only("another process holds the SQLite file's write lock (BEGIN EXCLUSIVE)")
 def test_locked_database_is_a_clear_error_and_the_run_resumes_after(
     workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
@@ -47,6 +50,7 @@ def test_locked_database_is_a_clear_error_and_the_run_resumes_after(
     assert query(workdir / "p.db", "SELECT COUNT(*) FROM request WHERE state = 'succeeded'") == [(10,)]
 
 
+@pytest.mark.sqlite_only("a SQLite file opened read-only (mode=ro URI)")
 def test_read_only_database_is_a_clear_error(
     workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
 ) -> None:
@@ -60,6 +64,9 @@ def test_read_only_database_is_a_clear_error(
     assert server.stats().requests_total == 0
 
 
+@pytest.mark.sqlite_only(
+    "another connection takes the SQLite file's write lock mid-run; the busy timeout runs out"
+)
 def test_database_locked_mid_run_stops_cleanly_and_the_rerun_loses_nothing(
     workdir: Path, mock_server: Callable[..., MockServer]
 ) -> None:
@@ -98,3 +105,21 @@ def test_database_locked_mid_run_stops_cleanly_and_the_rerun_loses_nothing(
     # Paid twice at most: what was answered but not recorded, all of it named in flight.
     assert answered_before - done <= in_flight
     assert server.stats().completions - 60 <= in_flight
+
+
+def test_a_database_server_that_cannot_be_reached_is_a_clear_error(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
+    """A PostgreSQL URL whose server is not there: one line naming it (password hidden), exit 1,
+    nothing sent; status says the same."""
+    server = mock_server()
+    write_jsonl(workdir / "in.jsonl", plain_rows(2))
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql+asyncpg://batch:s3cret-pw@127.0.0.1:{port}/pipeline"
+    for r in (run(cli, server, url), cli("status", "--db", url)):
+        assert r.exit_code == 1
+        assert f"database 127.0.0.1:{port}/pipeline:" in r.stderr and "refused" in r.stderr
+        assert "s3cret-pw" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+    assert server.stats().requests_total == 0

@@ -1,64 +1,80 @@
-"""The schema: Alembic migrates a blank database to head, and the models agree with it."""
+"""The schema: Alembic migrates a blank database to head, and the models agree with it.
+
+On the suite's backend (SQLite, or PostgreSQL with --db-backend=postgresql)."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
+from typing import Any
 
 import anyio
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine
+from helpers import query
+from sqlalchemy import inspect
 
+from pipeline.spec import db_url
 from pipeline.store import Store
 from pipeline.store.schema import VIEWS, metadata
 
 
-def test_blank_database_migrates_to_head_with_tables_views_and_wal(tmp_path: Path) -> None:
-    """`Store.open` migrates a new SQLite file: tables, audit views, WAL journal."""
-    db = tmp_path / "blank.db"
+def test_blank_database_migrates_to_head_with_tables_and_views(workdir: Path, db: str) -> None:
+    """`Store.open` migrates a new database: tables, audit views, the head revision."""
 
-    async def go() -> str:
-        store = await Store.open(f"sqlite+aiosqlite:///{db}")
+    async def go() -> tuple[str, set[str], set[str]]:
+        store = await Store.open(db_url(db))
         try:
-            return await store.migrate()  # a second upgrade is a no-op
+            async with store.engine.connect() as conn:
+                tables, views = await conn.run_sync(
+                    lambda c: (set(inspect(c).get_table_names()), set(inspect(c).get_view_names()))
+                )
+            return await store.migrate(), tables, views  # a second upgrade is a no-op
         finally:
             await store.close()
 
-    head = anyio.run(go)
-    with sqlite3.connect(db) as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        views = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'")}
-        version = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
-        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    head, tables, views = anyio.run(go)
     assert {"run", "request", "attempt", "completion"} <= tables
     assert views == set(VIEWS)
-    assert version == head == "0003"
-    assert mode == "wal"
+    assert query(db, "SELECT version_num FROM alembic_version") == [(head,)]
+    assert head == "0003"
 
 
-def test_schema_module_and_migrations_agree(tmp_path: Path) -> None:
-    """Autogenerate finds no difference between the migrated database and schema.py."""
-    db = tmp_path / "cmp.db"
+@pytest.mark.sqlite_only("WAL is a SQLite journal mode")
+def test_sqlite_database_runs_in_wal_mode(workdir: Path, db: str) -> None:
+    """A SQLite file opened by the store is in WAL mode."""
 
     async def go() -> None:
-        store = await Store.open(f"sqlite+aiosqlite:///{db}")
+        store = await Store.open(db_url(db))
         await store.close()
 
     anyio.run(go)
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
-    engine.dispose()
-    assert diff == []
+    assert query(db, "PRAGMA journal_mode") == [("wal",)]
 
 
-def test_views_answer_on_an_empty_database(tmp_path: Path) -> None:
-    """Every audit view is valid SQL on SQLite (empty result, no error)."""
-    db = tmp_path / "v.db"
+def test_schema_module_and_migrations_agree(workdir: Path, db: str) -> None:
+    """Autogenerate finds no difference between the migrated database and schema.py."""
+
+    async def go() -> list[Any]:
+        store = await Store.open(db_url(db))
+        try:
+            async with store.engine.connect() as conn:
+                return await conn.run_sync(
+                    lambda c: compare_metadata(
+                        MigrationContext.configure(c, opts={"compare_type": True}), metadata
+                    )
+                )
+        finally:
+            await store.close()
+
+    assert anyio.run(go) == []
+
+
+def test_views_answer_on_an_empty_database(workdir: Path, db: str) -> None:
+    """Every audit view is valid SQL on the backend (empty result, no error)."""
 
     async def go() -> None:
-        store = await Store.open(f"sqlite+aiosqlite:///{db}")
+        store = await Store.open(db_url(db))
         try:
             for name in VIEWS:
                 assert await store.execute_text(f"SELECT * FROM {name}") == []

@@ -19,7 +19,6 @@ import anyio
 import pyarrow.parquet as pq
 import pytest
 from helpers import plain_rows, write_jsonl
-from test_postgres import pg_url  # noqa: F401  (the fixture: a fresh PostgreSQL database)
 
 from pipeline.limits import WINDOW_S, RouteLimiter
 from pipeline.mock import MockServer
@@ -90,7 +89,7 @@ def part_ids(folder: Path) -> list[str]:
 @pytest.mark.timeout(240)
 def test_four_workers_share_one_rate_limit_and_answer_each_request_once(
     workdir: Path,
-    pg_url: str,  # noqa: F811
+    pg_url: str,
     mock_server: Callable[..., MockServer],
     cli: Callable[..., Any],
 ) -> None:
@@ -134,7 +133,7 @@ def test_four_workers_share_one_rate_limit_and_answer_each_request_once(
 @pytest.mark.timeout(180)
 def test_a_killed_workers_requests_go_to_the_others_after_its_lease(
     workdir: Path,
-    pg_url: str,  # noqa: F811
+    pg_url: str,
     mock_server: Callable[..., MockServer],
     cli: Callable[..., Any],
 ) -> None:
@@ -190,7 +189,7 @@ def test_a_killed_workers_requests_go_to_the_others_after_its_lease(
 @pytest.mark.timeout(120)
 def test_budget_cap_holds_for_the_sum_of_workers(
     workdir: Path,
-    pg_url: str,  # noqa: F811
+    pg_url: str,
     mock_server: Callable[..., MockServer],
     cli: Callable[..., Any],
 ) -> None:
@@ -221,7 +220,7 @@ def test_budget_cap_holds_for_the_sum_of_workers(
 
 def test_submit_is_idempotent_and_worker_errors_are_one_line(
     workdir: Path,
-    pg_url: str,  # noqa: F811
+    pg_url: str,
     mock_server: Callable[..., MockServer],
     cli: Callable[..., Any],
 ) -> None:
@@ -255,7 +254,7 @@ def test_submit_is_idempotent_and_worker_errors_are_one_line(
     assert "workers: 1 in all, 0 not finished" in cli("status", "idem", "--db", pg_url).stdout
 
 
-def test_a_429_seen_by_one_worker_slows_the_others(pg_url: str) -> None:  # noqa: F811
+def test_a_429_seen_by_one_worker_slows_the_others(pg_url: str) -> None:
     """Two workers' limiters on one route: a 429 in one cools the other down (through the
     database); a limit learned by one is learned by the other."""
 
@@ -278,7 +277,7 @@ def test_a_429_seen_by_one_worker_slows_the_others(pg_url: str) -> None:  # noqa
     assert learned == pytest.approx(600 * 0.97)
 
 
-def test_shared_buckets_pace_the_sum_of_workers(pg_url: str) -> None:  # noqa: F811
+def test_shared_buckets_pace_the_sum_of_workers(pg_url: str) -> None:
     """Two processes' buckets on one limit (600/min) take 40 units together: the booked
     send times never come closer than the limit allows, whoever books them."""
 
@@ -311,7 +310,7 @@ def test_shared_buckets_pace_the_sum_of_workers(pg_url: str) -> None:  # noqa: F
 
 
 def test_a_stalled_worker_and_the_one_that_took_its_lease_both_bill_and_one_answer_stays(
-    pg_url: str,  # noqa: F811
+    pg_url: str,
 ) -> None:
     """Worker A's lease runs out while it stalls; B claims the request and records its
     answer; then A records its own. Both attempts are kept (numbered 1 and 2: both were

@@ -33,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import TextClause
 
 from pipeline.errors import StorageError
 from pipeline.pricing import picousd
@@ -408,10 +409,13 @@ class Store:
             yield rows
             after = rows[-1]["seq"]
 
-    async def execute_text(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        """A read-only query for reports."""
+    async def execute_text(
+        self, sql: str | TextClause, params: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """A read-only query for reports: SQL text, or a text() clause with typed parameters."""
+        stmt = text(sql) if isinstance(sql, str) else sql
         async with self._conn(write=False) as conn:
-            return [dict(m) for m in (await conn.execute(text(sql), dict(params or {}))).mappings().all()]
+            return [dict(m) for m in (await conn.execute(stmt, dict(params or {}))).mappings().all()]
 
     # -- workers sharing a run (PostgreSQL) ---------------------------------------------------
     # Times here are the database's clock (naive UTC), so machines need not agree on theirs.
