@@ -9,8 +9,8 @@ SPEC --db URL``, then ``pipeline worker --db URL --run RUN -q``.
    there (a wrapper around the window's ``admit``), so the counts are the server's own. The
    spec sets ``[limits] rpm = R`` (concurrency default, 64 per worker); W workers share the
    run. Figures: requests answered; answered exactly once in the database (every request
-   ``succeeded`` with ``attempts`` 1) and in Parquet (the union of the workers' part files
-   under ``out/JOB/RUN/parts/*/`` has no duplicate id, and ``results.parquet`` has every row);
+   ``succeeded`` with ``attempts`` 1) and in Parquet (``results.parquet``, written by the
+   worker that finds the run done, has every id once, and no worker's part file is left);
    429s the server gave; the most requests the server saw in any 60 s (all arrivals, refused
    ones too); the rate reached, requests/min from the first request to the last, and its
    ratio to R (target >= 0.9); each worker's share (``recorded`` in the ``worker`` table).
@@ -296,7 +296,7 @@ class Shared:
     limited: int = 0
     db_states: dict[str, tuple[int, int]] = field(default_factory=dict)  # state -> (count, attempts)
     attempt_rows: tuple[int, int] = (0, 0)  # (attempts, distinct custom_ids)
-    part_ids: tuple[int, int, int] = (0, 0, 0)  # (ids, distinct ids, worker folders)
+    part_ids: tuple[int, int, int] = (0, 0, 0)  # results.parquet: (ids, distinct ids); part files left
     results_rows: int = 0
     most_60s: int = 0
     most_60s_source: str = ""
@@ -315,20 +315,21 @@ class Shared:
 
     @property
     def once_parquet(self) -> bool:
-        ids, distinct, _ = self.part_ids
-        return ids == distinct == self.rows and self.results_rows == self.rows
+        ids, distinct, parts_left = self.part_ids
+        return ids == distinct == self.rows and self.results_rows == self.rows and parts_left == 0
 
 
 def parquet_ids(out: Path) -> tuple[tuple[int, int, int], int]:
     import pyarrow.parquet as pq
 
-    ids: list[str] = []
+    # Each worker writes its own part files while the run goes; the worker that finds the run
+    # done writes results.parquet from the database and removes the parts.
     files = sorted((out / "parts").glob("*/*.parquet"))
-    for f in files:
-        ids += pq.read_table(f, columns=["custom_id"]).column("custom_id").to_pylist()
     results = out / "results.parquet"
-    rows = pq.read_metadata(results).num_rows if results.exists() else 0
-    return (len(ids), len(set(ids)), len({f.parent for f in files})), rows
+    if not results.exists():
+        return (0, 0, len(files)), 0
+    ids = pq.read_table(results, columns=["custom_id"]).column("custom_id").to_pylist()
+    return (len(ids), len(set(ids)), len(files)), pq.read_metadata(results).num_rows
 
 
 def run_shared(admin_dsn: str, workdir: Path, r: Shared) -> Shared:
@@ -488,7 +489,7 @@ def table(s: Shared | None, variants: list[Variant]) -> str:
 def shared_rows(s: Shared) -> list[list[str]]:
     one = f"1: {s.workers} workers, R = {s.rpm:,}/min"
     (ok_db_n, ok_db_a) = s.db_states.get("succeeded", (0, 0))
-    ids, distinct, folders = s.part_ids
+    ids, distinct, parts_left = s.part_ids
     other_states = ", ".join(f"{k} {v[0]:,}" for k, v in sorted(s.db_states.items()) if k != "succeeded")
     rows = [
         [
@@ -508,8 +509,7 @@ def shared_rows(s: Shared) -> list[list[str]]:
             one,
             "answered exactly once: Parquet",
             "yes" if s.once_parquet else "NO",
-            f"parts of {folders} workers: {ids:,} ids, {distinct:,} distinct; "
-            f"results.parquet {s.results_rows:,} rows",
+            f"results.parquet: {ids:,} ids, {distinct:,} distinct; {parts_left} worker part files left",
         ],
         [one, "429s from the server", f"{s.limited:,}", "target 0"],
         [

@@ -13,9 +13,11 @@ walk each request's fallback chain; the *recorder* is the only writer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack
@@ -353,8 +355,9 @@ async def _session(
     if lease is None:
         await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
         parts.clear()
-    elif not left:  # the run is done: consolidate every worker's answers
+    elif not left:  # the run is done: results.parquet holds every worker's answers
         await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
+        await _clear_parts(store, run_id, out_dir / "parts")
     # The run's verdict, unless other workers are still at it (then the last one gives it).
     if lease is None or not left or not await store.live_workers(run_id):
         await store.update_run(
@@ -372,6 +375,22 @@ async def _session(
         sent=recorder.recorded,
         totals=totals,
     )
+
+
+async def _clear_parts(store: Store, run_id: str, folder: Path) -> None:
+    """The run is done: remove the part files of every finished worker (ours, and those of
+    workers that died here); a worker still finishing removes its own when it ends."""
+    finished = {w["worker_id"] for w in await store.workers(run_id) if w["finished_at"] is not None}
+
+    def clear() -> None:
+        if folder.is_dir():
+            for sub in folder.iterdir():
+                if sub.name in finished:
+                    shutil.rmtree(sub, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+
+    await anyio.to_thread.run_sync(clear)
 
 
 async def _end_dead_workers(store: Store, run_id: str) -> None:

@@ -18,6 +18,29 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+def write_job(path: Path, base_url: str, *, rows: int, top: str = "", extra: str = "") -> Path:
+    """A job spec at ``path`` (and its input beside it: ``rows`` plain questions) for the
+    mock server at ``base_url``: fast retries, no breaker, prices for mock-small."""
+    write_jsonl(path.with_suffix(".jsonl"), plain_rows(rows))
+    path.write_text(
+        f"""model = "mock-small"
+{top}
+[input]
+path = "{path.with_suffix(".jsonl").name}"
+[endpoints.default]
+base_url = "{base_url}"
+[retry]
+backoff_base_s = 0.01
+[breaker]
+enabled = false
+[prices.mock-small]
+input = 0.15
+output = 0.6
+{extra}"""
+    )
+    return path
+
+
 def plain_rows(n: int, prefix: str = "q") -> list[dict[str, Any]]:
     return [
         {

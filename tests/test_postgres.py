@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 import orjson
-from helpers import plain_rows, write_jsonl
+from helpers import plain_rows, write_job, write_jsonl
 
 from pipeline.mock import MockServer
 from pipeline.store import Store
@@ -52,23 +52,7 @@ def test_run_status_report_and_export_work_on_postgresql(
 ) -> None:
     """The whole flow with --db postgresql+asyncpg://...: run, resume, status, report, export."""
     server = mock_server(fail_first=1, fail_status=500)
-    write_jsonl(workdir / "in.jsonl", plain_rows(30))
-    spec = workdir / "in.toml"
-    spec.write_text(
-        f"""model = "mock-small"
-[input]
-path = "in.jsonl"
-[endpoints.default]
-base_url = "{server.base_url}"
-[retry]
-backoff_base_s = 0.01
-[breaker]
-enabled = false
-[prices.mock-small]
-input = 0.15
-output = 0.6
-"""
-    )
+    spec = write_job(workdir / "in.toml", server.base_url, rows=30)
     # trust auth ignores the password: it stands for a real one that must never be shown
     secret_url = pg_url.replace("postgres@", "postgres:s3cret-pw@")
     args = ["run", str(spec), "--db", secret_url, "--out", "out"]

@@ -18,47 +18,13 @@ from typing import Any
 import anyio
 import pyarrow.parquet as pq
 import pytest
-from helpers import plain_rows, write_jsonl
+from helpers import plain_rows, query, write_job, write_jsonl
 
 from pipeline.limits import WINDOW_S, RouteLimiter
 from pipeline.mock import MockServer
 from pipeline.shared import RateNews
 from pipeline.spec import LimitsSpec
 from pipeline.store import Store
-
-
-def pg_query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    import asyncpg
-
-    async def go() -> list[tuple[Any, ...]]:
-        conn = await asyncpg.connect(url.replace("+asyncpg", ""), timeout=5)
-        try:
-            return [tuple(r) for r in await conn.fetch(sql, *params)]
-        finally:
-            await conn.close()
-
-    return anyio.run(go)
-
-
-def write_spec(path: Path, base_url: str, *, rows: int, extra: str = "", top: str = "") -> Path:
-    write_jsonl(path.with_suffix(".jsonl"), plain_rows(rows))
-    path.write_text(
-        f"""model = "mock-small"
-{top}
-[input]
-path = "{path.with_suffix(".jsonl").name}"
-[endpoints.default]
-base_url = "{base_url}"
-[retry]
-backoff_base_s = 0.01
-[breaker]
-enabled = false
-[prices.mock-small]
-input = 0.15
-output = 0.6
-{extra}"""
-    )
-    return path
 
 
 def start_worker(workdir: Path, url: str, run: str, *args: str) -> subprocess.Popen[str]:
@@ -79,13 +45,6 @@ def finish(procs: list[subprocess.Popen[str]], timeout: float) -> list[tuple[int
     return out
 
 
-def part_ids(folder: Path) -> list[str]:
-    ids: list[str] = []
-    for f in sorted(folder.glob("*/*.parquet")):
-        ids += pq.read_table(f, columns=["custom_id"]).column("custom_id").to_pylist()
-    return ids
-
-
 @pytest.mark.timeout(240)
 def test_four_workers_share_one_rate_limit_and_answer_each_request_once(
     workdir: Path,
@@ -99,7 +58,7 @@ def test_four_workers_share_one_rate_limit_and_answer_each_request_once(
     figure: bench/workers.py.)"""
     rpm = 3000
     server = mock_server(rpm=rpm)
-    spec = write_spec(workdir / "shared.toml", server.base_url, rows=4000, extra=f"[limits]\nrpm = {rpm}\n")
+    spec = write_job(workdir / "shared.toml", server.base_url, rows=4000, extra=f"[limits]\nrpm = {rpm}\n")
     sub = cli("submit", spec, "--db", pg_url)
     assert sub.exit_code == 0, sub.stderr
     assert "loaded, 4000 requests (4000 to send)" in sub.stdout
@@ -112,21 +71,20 @@ def test_four_workers_share_one_rate_limit_and_answer_each_request_once(
     stats = server.stats()
     assert stats.completions == 4000 and stats.requests_total == 4000
     assert stats.by_status.get(429, 0) == 0
-    assert pg_query(pg_url, "SELECT state, COUNT(*), SUM(attempts) FROM request GROUP BY state") == [
+    assert query(pg_url, "SELECT state, COUNT(*), SUM(attempts) FROM request GROUP BY state") == [
         ("succeeded", 4000, 4000)
     ]
-    assert pg_query(pg_url, "SELECT COUNT(*), COUNT(DISTINCT custom_id) FROM attempt") == [(4000, 4000)]
-    shares = [n for (n,) in pg_query(pg_url, "SELECT recorded FROM worker ORDER BY recorded")]
+    assert query(pg_url, "SELECT COUNT(*), COUNT(DISTINCT custom_id) FROM attempt") == [(4000, 4000)]
+    shares = [n for (n,) in query(pg_url, "SELECT recorded FROM worker ORDER BY recorded")]
     assert len(shares) == 4 and min(shares) > 0 and sum(shares) == 4000
-    assert pg_query(pg_url, "SELECT COUNT(*) FROM request WHERE lease_owner IS NOT NULL") == [(0,)]
-    assert pg_query(pg_url, "SELECT state FROM run") == [("completed",)]
+    assert query(pg_url, "SELECT COUNT(*) FROM request WHERE lease_owner IS NOT NULL") == [(0,)]
+    assert query(pg_url, "SELECT state FROM run") == [("completed",)]
 
     out = workdir / "out" / "shared" / "shared"
-    ids = part_ids(out / "parts")  # each worker's own part files
-    assert len(ids) == 4000 and len(set(ids)) == 4000
-    assert len({f.parent for f in (out / "parts").glob("*/*.parquet")}) == 4
-    assert pq.read_table(out / "results.parquet").num_rows == 4000
-    span = pg_query(pg_url, "SELECT EXTRACT(EPOCH FROM MAX(started_at) - MIN(started_at)) FROM attempt")[0][0]
+    ids = pq.read_table(out / "results.parquet", columns=["custom_id"]).column("custom_id").to_pylist()
+    assert sorted(ids) == sorted(f"q-{i}" for i in range(4000))
+    assert not (out / "parts").exists()  # consolidated: every worker's parts are gone
+    span = query(pg_url, "SELECT EXTRACT(EPOCH FROM MAX(started_at) - MIN(started_at)) FROM attempt")[0][0]
     print(f"4 workers: 4,000 requests in {float(span):.1f} s = {3999 / float(span) * 60:.0f}/min (R = {rpm})")
 
 
@@ -141,13 +99,13 @@ def test_a_killed_workers_requests_go_to_the_others_after_its_lease(
     out, then the others send them; sent twice <= what it held; nothing lost."""
     lease_s = 4.0
     server = mock_server(latency_ms=300)
-    spec = write_spec(workdir / "kill.toml", server.base_url, rows=900, extra="[limits]\nconcurrency = 8\n")
+    spec = write_job(workdir / "kill.toml", server.base_url, rows=900, extra="[limits]\nconcurrency = 8\n")
     assert cli("submit", spec, "--db", pg_url).exit_code == 0
     procs = [start_worker(workdir, pg_url, "kill", "--lease-s", str(lease_s)) for _ in range(3)]
     victim = procs[0]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # let it get going: some answers recorded, more in flight
-        rec = pg_query(pg_url, "SELECT COALESCE(SUM(recorded), 0) FROM worker WHERE pid = $1", victim.pid)
+        rec = query(pg_url, "SELECT COALESCE(SUM(recorded), 0) FROM worker WHERE pid = ?", victim.pid)
         if rec and rec[0][0] >= 20:
             break
         time.sleep(0.1)
@@ -156,24 +114,24 @@ def test_a_killed_workers_requests_go_to_the_others_after_its_lease(
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate()  # waits, and closes its pipes
     killed_at = time.time()
-    held = pg_query(
+    held = query(
         pg_url,
         "SELECT custom_id FROM request r JOIN worker w ON r.lease_owner = w.worker_id "
-        "WHERE w.pid = $1 AND r.state = 'in_flight'",
+        "WHERE w.pid = ? AND r.state = 'in_flight'",
         victim.pid,
     )
     assert held, "the killed worker held no lease"
     results = finish(procs[1:], 150)
     assert [code for code, _, _ in results] == [0, 0], [se for _, _, se in results]
 
-    assert pg_query(pg_url, "SELECT state, COUNT(*) FROM request GROUP BY state") == [("succeeded", 900)]
+    assert query(pg_url, "SELECT state, COUNT(*) FROM request GROUP BY state") == [("succeeded", 900)]
     twice = server.stats().completions - 900
     assert 0 <= twice <= len(held)
     # the held requests were sent again only once the lease had run out
-    resent = pg_query(
+    resent = query(
         pg_url,
         "SELECT MIN(EXTRACT(EPOCH FROM started_at AT TIME ZONE 'UTC')) FROM attempt "
-        "WHERE custom_id = ANY($1::text[]) AND attempt_no = 1",
+        "WHERE custom_id = ANY(?::text[]) AND attempt_no = 1",
         [cid for (cid,) in held],
     )[0][0]
     # (leases are renewed every lease_s / 4, so at the kill at least 3/4 of one was left)
@@ -182,8 +140,7 @@ def test_a_killed_workers_requests_go_to_the_others_after_its_lease(
     results = pq.read_table(out / "results.parquet", columns=["custom_id", "state"]).to_pylist()
     assert sorted(r["custom_id"] for r in results) == sorted(f"q-{i}" for i in range(900))
     assert {r["state"] for r in results} == {"succeeded"}
-    ids = part_ids(out / "parts")  # the survivors' parts (the killed one's last rows were never flushed)
-    assert len(ids) == len(set(ids)) and {cid for (cid,) in held} <= set(ids)
+    assert not (out / "parts").exists()  # the killed worker's parts too: results.parquet has all
 
 
 @pytest.mark.timeout(120)
@@ -196,7 +153,7 @@ def test_budget_cap_holds_for_the_sum_of_workers(
     """Three workers under one cap: together they stop before passing it (exit 3), and a
     rerun with a larger cap finishes what is left, nothing sent twice."""
     server = mock_server(latency_ms=20)
-    spec = write_spec(
+    spec = write_job(
         workdir / "budget.toml",
         server.base_url,
         rows=300,
@@ -206,16 +163,16 @@ def test_budget_cap_holds_for_the_sum_of_workers(
     assert cli("submit", spec, "--db", pg_url).exit_code == 0
     results = finish([start_worker(workdir, pg_url, "budget") for _ in range(3)], 100)
     assert sorted(code for code, _, _ in results) == [3, 3, 3], [se for _, _, se in results]
-    spent = pg_query(pg_url, "SELECT SUM(cost_picousd) FROM attempt")[0][0]
+    spent = query(pg_url, "SELECT SUM(cost_picousd) FROM attempt")[0][0]
     assert 0 < spent <= 2_000_000_000  # $0.002 in picodollars
-    counts = dict(pg_query(pg_url, "SELECT state, COUNT(*) FROM request GROUP BY state"))
+    counts = dict(query(pg_url, "SELECT state, COUNT(*) FROM request GROUP BY state"))
     assert counts.get("pending", 0) > 0 and counts.get("in_flight", 0) == 0
-    assert pg_query(pg_url, "SELECT state, exit_code FROM run") == [("stopped", 3)]
+    assert query(pg_url, "SELECT state, exit_code FROM run") == [("stopped", 3)]
 
     r = cli("run", spec, "--db", pg_url, "--budget-usd", "1", "-q")
     assert r.exit_code == 0, r.stderr
     assert server.stats().completions == 300
-    assert pg_query(pg_url, "SELECT COUNT(*) FROM attempt") == [(300,)]
+    assert query(pg_url, "SELECT COUNT(*) FROM attempt") == [(300,)]
 
 
 def test_submit_is_idempotent_and_worker_errors_are_one_line(
@@ -225,12 +182,12 @@ def test_submit_is_idempotent_and_worker_errors_are_one_line(
     cli: Callable[..., Any],
 ) -> None:
     server = mock_server()
-    spec = write_spec(workdir / "idem.toml", server.base_url, rows=50)
+    spec = write_job(workdir / "idem.toml", server.base_url, rows=50)
     first = cli("submit", spec, "--db", pg_url)
     again = cli("submit", spec, "--db", pg_url)
     assert first.exit_code == again.exit_code == 0
     assert "already loaded, 50 requests" in again.stdout
-    assert pg_query(pg_url, "SELECT COUNT(*) FROM request") == [(50,)]
+    assert query(pg_url, "SELECT COUNT(*) FROM request") == [(50,)]
 
     sqlite = cli("worker", "--db", "local.db")
     assert sqlite.exit_code == 2
