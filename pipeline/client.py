@@ -36,6 +36,7 @@ from pipeline.errors import (
 from pipeline.records import Choice, Completion, RateInfo, StreamTiming, Usage
 from pipeline.spec import EndpointSpec, RetrySpec
 from pipeline.tokens import count_text, estimate_prompt_tokens
+from pipeline.transport import AiohttpTransport, Post
 
 __all__ = ["ChatClient", "parse_completion", "parse_duration", "parse_rate_headers", "parse_retry_after"]
 
@@ -93,11 +94,19 @@ class ChatClient:
         self._post_headers = list(self._http.headers.multi_items())
         t = self._http.timeout
         self._post_timeout = {"connect": t.connect, "read": t.read, "write": t.write, "pool": t.pool}
+        # Over the pipeline's own transport, not even an httpx.Request/Response: the prepared
+        # Post sends through aiohttp directly, with the same headers, timeouts and errors.
+        self._fast: Post | None = None
+        if type(transport) is AiohttpTransport:
+            self._fast = transport.post(self._post_url, self._post_headers, self._post_timeout)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _post(self, payload: bytes) -> httpx.Response:
+    async def _post(self, payload: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        """Status, headers and body of one non-streamed POST (raises httpx's exceptions)."""
+        if self._fast is not None:
+            return await self._fast(payload)
         request = httpx.Request(
             "POST",
             self._post_url,
@@ -110,7 +119,7 @@ class ChatClient:
             await response.aread()
         finally:
             await response.aclose()
-        return response
+        return response.status_code, response.headers, response.content
 
     async def find_stored(self, metadata: Mapping[str, str]) -> Completion | None:
         """A completion stored at the provider (``store: true``) whose metadata matches, if any.
@@ -149,7 +158,7 @@ class ChatClient:
             return await self._complete_stream(model, body)
         payload = orjson.dumps({"model": model, **body})
         try:
-            response = await self._post(payload)
+            status, headers, content = await self._post(payload)
         except httpx.ConnectTimeout as exc:
             raise TransportError(f"connect timeout: {exc}", what="connect_timeout") from exc
         except httpx.ConnectError as exc:
@@ -164,18 +173,17 @@ class ChatClient:
             raise TransportError(f"undecodable body: {exc}", what="truncated") from exc
         except httpx.TransportError as exc:
             raise TransportError(str(exc) or type(exc).__name__, what="reset") from exc
-        request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
-        status = response.status_code
-        rate = parse_rate_headers(response.headers)
+        request_id = headers.get("x-request-id") or headers.get("request-id")
+        rate = parse_rate_headers(headers)
         if 200 <= status < 300:
             try:
-                completion = parse_completion(response.content, request_id=request_id)
+                completion = parse_completion(content, request_id=request_id)
             except RequestError as exc:  # a 200 whose body is unusable: keep its status
                 exc.rate = rate
                 exc.status = exc.status or status
                 raise
             return (replace(completion, rate=rate) if rate else completion), status
-        error = error_from_response(status, response.content, response.headers, request_id)
+        error = error_from_response(status, content, headers, request_id)
         error.rate = rate
         raise error
 
