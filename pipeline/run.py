@@ -30,6 +30,7 @@ import orjson
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from pipeline.client import ChatClient
+from pipeline.collector import fewer_collections
 from pipeline.errors import InputError, RunStateError, SpecError
 from pipeline.inputs import Row, RowSource, file_sha256
 from pipeline.limits import CircuitBreaker, RouteLimiter
@@ -172,7 +173,8 @@ async def execute(
                 else "they are sent again (the provider may have answered them already)",
             )
 
-        await _dispatch(store, plan, worker, recorder, counters, display, handle_signals)
+        with fewer_collections():
+            await _dispatch(store, plan, worker, recorder, counters, display, handle_signals)
         interrupted = plan.interrupted
 
         await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
