@@ -177,12 +177,11 @@ class ChatClient:
         rate = parse_rate_headers(headers)
         if 200 <= status < 300:
             try:
-                completion = parse_completion(content, request_id=request_id)
+                return parse_completion(content, request_id=request_id, rate=rate), status
             except RequestError as exc:  # a 200 whose body is unusable: keep its status
                 exc.rate = rate
                 exc.status = exc.status or status
                 raise
-            return (replace(completion, rate=rate) if rate else completion), status
         error = error_from_response(status, content, headers, request_id)
         error.rate = rate
         raise error
@@ -261,8 +260,12 @@ class ChatClient:
         return (replace(completion, rate=rate) if rate else completion), status
 
 
-def parse_completion(raw: bytes, *, request_id: str | None = None) -> Completion:
-    """A ``chat.completion`` body into a Completion, or InvalidResponse / an error in the body."""
+def parse_completion(
+    raw: bytes, *, request_id: str | None = None, rate: RateInfo | None = None
+) -> Completion:
+    """A ``chat.completion`` body into a Completion, or InvalidResponse / an error in the body.
+
+    ``rate``: the rate-limit headers that came with it, kept on the Completion."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -290,28 +293,34 @@ def parse_completion(raw: bytes, *, request_id: str | None = None) -> Completion
         msg = c.get("message") or {}
         if not isinstance(msg, dict):
             raise InvalidResponse(f"choices[{i}].message is not an object", provider_request_id=request_id)
+        index = c.get("index", i)
         choices.append(
-            Choice(
-                index=c.get("index", i) if isinstance(c.get("index", i), int) else i,
-                finish_reason=c.get("finish_reason"),
-                content=_text(msg.get("content")),
-                reasoning=_text(msg.get("reasoning") or msg.get("reasoning_content")),
-                refusal=_text(msg.get("refusal")),
-                tool_calls=msg.get("tool_calls") or None,
+            Choice(  # positional, in the order of the fields (faster than keywords)
+                index if isinstance(index, int) else i,  # index
+                c.get("finish_reason"),  # finish_reason
+                _text(msg.get("content")),  # content
+                _text(msg.get("reasoning") or msg.get("reasoning_content")),  # reasoning
+                _text(msg.get("refusal")),  # refusal
+                msg.get("tool_calls") or None,  # tool_calls
             )
         )
-    completion = Completion(
-        response_id=_str(data.get("id")),
-        model=_str(data.get("model")),
-        provider=_str(data.get("provider")),
-        system_fingerprint=_str(data.get("system_fingerprint")),
-        created=data.get("created") if isinstance(data.get("created"), int) else None,
-        choices=tuple(choices),
-        usage=usage,
-        raw=raw,
-        provider_request_id=request_id,
+    created = data.get("created")
+    failed = any(ch.finish_reason == "error" for ch in choices)
+    completion = Completion(  # positional, in the order of the fields
+        _str(data.get("id")),  # response_id
+        _str(data.get("model")),  # model
+        _str(data.get("provider")),  # provider
+        _str(data.get("system_fingerprint")),  # system_fingerprint
+        created if isinstance(created, int) else None,  # created
+        tuple(choices),  # choices
+        usage,  # usage
+        raw,  # raw
+        request_id,  # provider_request_id
+        None,  # stream
+        False,  # partial
+        None if failed else rate,  # rate (an error carries it itself)
     )
-    if any(ch.finish_reason == "error" for ch in choices):
+    if failed:
         err = InvalidResponse(
             'the provider ended the answer with finish_reason "error"',
             code="finish_reason_error",
