@@ -25,26 +25,31 @@ from yarl import URL
 __all__ = ["AiohttpTransport", "Post", "ResponseHeaders"]
 
 
+def _httpx_error(exc: aiohttp.ClientError | TimeoutError, request: httpx.Request | None) -> httpx.HTTPError:
+    """aiohttp's exception as httpx's (raised ``from`` it by the caller)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(exc) or "connect timeout", request=request)
+    if isinstance(exc, (TimeoutError, aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError)):
+        return httpx.ReadTimeout(str(exc) or "read timeout", request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc), request=request)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return httpx.RemoteProtocolError("server disconnected before a full answer", request=request)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return httpx.RemoteProtocolError(f"response body cut short: {exc}", request=request)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return httpx.RemoteProtocolError(f"invalid HTTP response: {exc.message}", request=request)
+    if isinstance(exc, aiohttp.ClientOSError):
+        return httpx.ReadError(f"connection error: {exc}", request=request)
+    return httpx.NetworkError(f"{type(exc).__name__}: {exc}", request=request)
+
+
 @contextmanager
 def _mapped(request: httpx.Request | None) -> Iterator[None]:
     try:
         yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
-    except (TimeoutError, aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise httpx.ReadTimeout(str(exc) or "read timeout", request=request) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise httpx.ConnectError(str(exc), request=request) from exc
-    except aiohttp.ServerDisconnectedError as exc:
-        raise httpx.RemoteProtocolError("server disconnected before a full answer", request=request) from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise httpx.RemoteProtocolError(f"response body cut short: {exc}", request=request) from exc
-    except aiohttp.ClientResponseError as exc:
-        raise httpx.RemoteProtocolError(f"invalid HTTP response: {exc.message}", request=request) from exc
-    except aiohttp.ClientOSError as exc:
-        raise httpx.ReadError(f"connection error: {exc}", request=request) from exc
-    except aiohttp.ClientError as exc:
-        raise httpx.NetworkError(f"{type(exc).__name__}: {exc}", request=request) from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _httpx_error(exc, request) from exc
 
 
 class _Body(httpx.AsyncByteStream):
@@ -112,7 +117,7 @@ class Post:
         """Send ``content``; the status, the headers and the (decoded) body."""
         transport = self._transport
         session = transport._get_session()
-        with _mapped(None):
+        try:
             response = await session.request(
                 "POST",
                 self._yarl,
@@ -126,6 +131,8 @@ class Post:
                 body = await response.read()
             finally:
                 response.release()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _httpx_error(exc, None) from exc
         headers = ResponseHeaders(response.headers)
         if "content-encoding" in headers:  # compressed: httpx decodes it, as it would on the slow path
             decoded = httpx.Response(
