@@ -381,7 +381,9 @@ class Store:
                 q = q.where(r.c.state.in_(states))
             q = q.order_by(r.c.seq).limit(page)
             async with self._conn(write=False) as conn:
-                rows = [dict(m) for m in (await conn.execute(q)).mappings().all()]
+                result = await conn.execute(q)
+                keys = list(result.keys())
+                rows = [dict(zip(keys, row, strict=True)) for row in result.all()]
             if not rows:
                 return
             yield rows
