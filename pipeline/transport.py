@@ -89,6 +89,13 @@ class ResponseHeaders(Mapping[str, str]):
         return len({k.lower() for k in self._headers})
 
 
+class _Unset:
+    pass
+
+
+_UNSET = _Unset()
+
+
 class Post:
     """One prepared ``POST`` (URL, headers, timeouts fixed), sent straight through aiohttp.
 
@@ -98,7 +105,7 @@ class Post:
     from aiohttp's by the same rules) are those of :meth:`AiohttpTransport.handle_async_request`.
     """
 
-    __slots__ = ("_headers", "_timeout", "_transport", "_url", "_yarl")
+    __slots__ = ("_headers", "_proxy", "_timeout", "_transport", "_url", "_yarl")
 
     def __init__(
         self,
@@ -112,11 +119,15 @@ class Post:
         self._yarl = URL(str(url))
         self._headers = CIMultiDict(_request_headers(headers))
         self._timeout = _client_timeout(timeout)
+        self._proxy: str | _Unset | None = _UNSET  # looked up on the first send, as the transport does
 
     async def __call__(self, content: bytes) -> tuple[int, Mapping[str, str], bytes]:
         """Send ``content``; the status, the headers and the (decoded) body."""
         transport = self._transport
         session = transport._get_session()
+        proxy = self._proxy
+        if isinstance(proxy, _Unset):
+            proxy = self._proxy = transport._proxy(self._url)
         try:
             response = await session.request(
                 "POST",
@@ -125,7 +136,7 @@ class Post:
                 data=content or None,
                 timeout=self._timeout,
                 allow_redirects=False,
-                proxy=transport._proxy(self._url),
+                proxy=proxy,
             )
             try:
                 body = await response.read()
