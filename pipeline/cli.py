@@ -197,6 +197,9 @@ def run(spec: Path | None, retry_failed: bool, quiet: bool, verbose: bool, **kw:
     if summary.message:
         click.echo(summary.message, err=True)
     click.echo(f"database: {summary.db}   results: {summary.results}")
+    from pipeline.collector import no_collection_at_exit
+
+    no_collection_at_exit()
     sys.exit(summary.exit_code)
 
 
