@@ -8,6 +8,11 @@ aiohttp's exceptions into httpx's
 (a cut body, a reset and a read timeout stay distinguishable, unlike in httpx-aiohttp,
 which maps every ``ClientConnectionError`` to ``ConnectTimeout``).
 
+The client's hot path (one non-streamed POST) skips even httpx's Request and Response objects:
+:meth:`AiohttpTransport.post` prepares a :class:`Post` that sends through the same session
+with the same headers, timeouts, proxy, decoding and exception mapping, and hands back the
+status, the headers (read as httpx reads them) and the body.
+
 It never retries: the pipeline has exactly one retry layer (``pipeline.worker``).
 """
 
