@@ -13,6 +13,7 @@ compiled statement's order. The SQL sent and the values stored are those of the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Table
@@ -48,42 +49,47 @@ class Prepared:
         self.positional = bool(dialect.positional)
         names = list(compiled.positiontup or ()) if self.positional else list(compiled.binds)
         index = {k: i for i, k in enumerate(keys)}
-        # Per parameter of the statement: the row's index, or a constant the statement carries
-        # (e.g. the 0 of coalesce(col, 0)); and the type's bind processor, if it has one.
+        # Per parameter of the statement, where its value is in ``row + constants`` (the
+        # constants are literals the statement carries, e.g. the 0 of coalesce(col, 0)), and
+        # the type's bind processor, applied to the row's values as SQLAlchemy would.
         self._names = names
-        self._slots: list[tuple[int | None, Any, Callable[[Any], Any] | None]] = []
-        for name in names:
+        constants: list[Any] = []
+        order: list[int] = []
+        self._processed: list[tuple[int, Callable[[Any], Any]]] = []
+        for position, name in enumerate(names):
             bind = compiled.binds[name]
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if name in index:
-                self._slots.append((index[name], None, process))
+                order.append(index[name])
+                if process is not None:
+                    self._processed.append((position, process))
             else:
                 value = bind.effective_value
-                self._slots.append((None, value if process is None else process(value), None))
-        self._as_is = [i for i, _, _ in self._slots] == list(range(len(keys)))
-        self._processed = [(i, p) for i, _, p in self._slots if i is not None and p is not None]
+                order.append(len(keys) + len(constants))
+                constants.append(value if process is None else process(value))
+        self._constants = tuple(constants)
+        self._as_is = order == list(range(len(keys)))  # the usual INSERT: the row's own order
+        self._pick = itemgetter(*order) if len(order) > 1 else (lambda row: (row[order[0]],))
 
     def params(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]] | list[dict[str, Any]]:
-        if self.positional and self._as_is:  # the usual INSERT: the statement takes the row's order
-            processed = self._processed
-            if not processed:
-                return list(rows)
+        if self._as_is:
+            picked: Sequence[tuple[Any, ...]] = rows
+        elif self._constants:
+            constants, pick = self._constants, self._pick
+            picked = [pick(row + constants) for row in rows]
+        else:
+            picked = [self._pick(row) for row in rows]
+        processed = self._processed
+        if processed:
             out = []
-            for row in rows:
+            for row in picked:
                 values = list(row)
                 for i, process in processed:
                     values[i] = process(values[i])
                 out.append(tuple(values))
-            return out
-        slots = self._slots
-        converted = [
-            tuple(
-                const if i is None else (row[i] if process is None else process(row[i]))
-                for i, const, process in slots
-            )
-            for row in rows
-        ]
+        else:
+            out = list(picked)
         if self.positional:
-            return converted
+            return out
         names = self._names
-        return [dict(zip(names, values, strict=True)) for values in converted]
+        return [dict(zip(names, values, strict=True)) for values in out]
