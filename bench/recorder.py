@@ -5,7 +5,8 @@ loaded the way ``pipeline run`` loads them (``Store.load_requests``); then N syn
 ``Outcome`` objects of realistic size (one successful attempt each, with a completion whose raw
 body is a 630-byte ``chat.completion`` like the mock server's, and its usage) are pushed as fast
 as possible through ``pipeline.recorder.Recorder.run`` over an anyio memory stream (buffer 128,
-as a 64-worker run has). The outcomes are built before the clock starts. Three variants:
+as a 64-worker run has). The outcomes are built before the clock starts; the garbage collector
+is tuned as a run tunes it while its workers run (``pipeline.collector``). Three variants:
 
 * ``outcomes``: SQLite only (no Parquet part writer);
 * ``+ parts``: with the Parquet part writer of a real run (a part file every 10,000 rows);
@@ -46,6 +47,7 @@ import anyio
 import common
 import orjson
 
+from pipeline.collector import fewer_collections
 from pipeline.outputs import PartWriter
 from pipeline.progress import Counters
 from pipeline.recorder import Claim, Recorder
@@ -260,9 +262,10 @@ async def measure(variant: Variant, n: int, folder: Path) -> Result:
 
         gc.collect()
         cpu0, t0 = time.process_time(), time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce)
-            tg.start_soon(recorder.run, receive)
+        with fewer_collections():  # as `pipeline run` has it while the workers run
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce)
+                tg.start_soon(recorder.run, receive)
         result.wall_s = time.perf_counter() - t0
         result.cpu_s = time.process_time() - cpu0
         result.recorded = recorder.recorded

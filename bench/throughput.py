@@ -28,6 +28,7 @@ bare ``python -c pass``.
 
     python bench/throughput.py            # full: three scenarios, about 3.5 minutes
     python bench/throughput.py --short    # a few seconds: keeps the harness from rotting
+    python bench/throughput.py --scenario 1   # one scenario (repeatable)
 
 Figures are printed, never asserted. The exit status is non-zero only when the harness cannot
 measure (the server does not start, a baseline completes nothing, the run does not finish).
@@ -457,8 +458,15 @@ def progress(text: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--short", action="store_true", help="tiny smoke run (a few seconds)")
+    parser.add_argument(
+        "--scenario", action="append", metavar="NAME", help="run only this scenario (1, 2, 3; repeatable)"
+    )
     args = parser.parse_args(argv)
     scenarios = SHORT if args.short else FULL
+    if args.scenario:
+        scenarios = tuple(s for s in scenarios if s.name in args.scenario)
+        if not scenarios:
+            parser.error(f"no scenario named {', '.join(args.scenario)}")
     raise_fd_limit()
     pinning = (
         "clients and pipeline on core 0, server on core 1"

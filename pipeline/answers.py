@@ -69,7 +69,7 @@ def check_answer(body: Mapping[str, Any], completion: Completion) -> str | None:
             completion,
         )
     fmt = body.get("response_format")
-    if not isinstance(fmt, Mapping) or fmt.get("type") not in ("json_schema", "json_object"):
+    if fmt is None or not isinstance(fmt, Mapping) or fmt.get("type") not in ("json_schema", "json_object"):
         return None
     schema = None
     if fmt.get("type") == "json_schema":

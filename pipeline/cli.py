@@ -205,6 +205,9 @@ def run(spec: Path | None, retry_failed: bool, quiet: bool, verbose: bool, **kw:
 
     summary = _arun(go)
     _print_summary(summary)
+    from pipeline.collector import no_collection_at_exit
+
+    no_collection_at_exit()
     sys.exit(summary.exit_code)
 
 
@@ -302,6 +305,9 @@ def worker(
         sys.exit(0)
     for summary in summaries:
         _print_summary(summary)
+    from pipeline.collector import no_collection_at_exit
+
+    no_collection_at_exit()
     sys.exit(max(s.exit_code for s in summaries))
 
 

@@ -36,6 +36,7 @@ from pipeline.errors import (
 from pipeline.records import Choice, Completion, RateInfo, StreamTiming, Usage
 from pipeline.spec import EndpointSpec, RetrySpec
 from pipeline.tokens import count_text, estimate_prompt_tokens
+from pipeline.transport import AiohttpTransport, Post
 
 __all__ = ["ChatClient", "parse_completion", "parse_duration", "parse_rate_headers", "parse_retry_after"]
 
@@ -93,11 +94,19 @@ class ChatClient:
         self._post_headers = list(self._http.headers.multi_items())
         t = self._http.timeout
         self._post_timeout = {"connect": t.connect, "read": t.read, "write": t.write, "pool": t.pool}
+        # Over the pipeline's own transport, not even an httpx.Request/Response: the prepared
+        # Post sends through aiohttp directly, with the same headers, timeouts and errors.
+        self._fast: Post | None = None
+        if type(transport) is AiohttpTransport:
+            self._fast = transport.post(self._post_url, self._post_headers, self._post_timeout)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _post(self, payload: bytes) -> httpx.Response:
+    async def _post(self, payload: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        """Status, headers and body of one non-streamed POST (raises httpx's exceptions)."""
+        if self._fast is not None:
+            return await self._fast(payload)
         request = httpx.Request(
             "POST",
             self._post_url,
@@ -110,7 +119,7 @@ class ChatClient:
             await response.aread()
         finally:
             await response.aclose()
-        return response
+        return response.status_code, response.headers, response.content
 
     async def find_stored(self, metadata: Mapping[str, str]) -> Completion | None:
         """A completion stored at the provider (``store: true``) whose metadata matches, if any.
@@ -149,7 +158,7 @@ class ChatClient:
             return await self._complete_stream(model, body)
         payload = orjson.dumps({"model": model, **body})
         try:
-            response = await self._post(payload)
+            status, headers, content = await self._post(payload)
         except httpx.ConnectTimeout as exc:
             raise TransportError(f"connect timeout: {exc}", what="connect_timeout") from exc
         except httpx.ConnectError as exc:
@@ -164,18 +173,16 @@ class ChatClient:
             raise TransportError(f"undecodable body: {exc}", what="truncated") from exc
         except httpx.TransportError as exc:
             raise TransportError(str(exc) or type(exc).__name__, what="reset") from exc
-        request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
-        status = response.status_code
-        rate = parse_rate_headers(response.headers)
+        request_id = headers.get("x-request-id") or headers.get("request-id")
+        rate = parse_rate_headers(headers)
         if 200 <= status < 300:
             try:
-                completion = parse_completion(response.content, request_id=request_id)
+                return parse_completion(content, request_id=request_id, rate=rate), status
             except RequestError as exc:  # a 200 whose body is unusable: keep its status
                 exc.rate = rate
                 exc.status = exc.status or status
                 raise
-            return (replace(completion, rate=rate) if rate else completion), status
-        error = error_from_response(status, response.content, response.headers, request_id)
+        error = error_from_response(status, content, headers, request_id)
         error.rate = rate
         raise error
 
@@ -253,8 +260,12 @@ class ChatClient:
         return (replace(completion, rate=rate) if rate else completion), status
 
 
-def parse_completion(raw: bytes, *, request_id: str | None = None) -> Completion:
-    """A ``chat.completion`` body into a Completion, or InvalidResponse / an error in the body."""
+def parse_completion(
+    raw: bytes, *, request_id: str | None = None, rate: RateInfo | None = None
+) -> Completion:
+    """A ``chat.completion`` body into a Completion, or InvalidResponse / an error in the body.
+
+    ``rate``: the rate-limit headers that came with it, kept on the Completion."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -282,28 +293,34 @@ def parse_completion(raw: bytes, *, request_id: str | None = None) -> Completion
         msg = c.get("message") or {}
         if not isinstance(msg, dict):
             raise InvalidResponse(f"choices[{i}].message is not an object", provider_request_id=request_id)
+        index = c.get("index", i)
         choices.append(
-            Choice(
-                index=c.get("index", i) if isinstance(c.get("index", i), int) else i,
-                finish_reason=c.get("finish_reason"),
-                content=_text(msg.get("content")),
-                reasoning=_text(msg.get("reasoning") or msg.get("reasoning_content")),
-                refusal=_text(msg.get("refusal")),
-                tool_calls=msg.get("tool_calls") or None,
+            Choice(  # positional, in the order of the fields (faster than keywords)
+                index if isinstance(index, int) else i,  # index
+                c.get("finish_reason"),  # finish_reason
+                _text(msg.get("content")),  # content
+                _text(msg.get("reasoning") or msg.get("reasoning_content")),  # reasoning
+                _text(msg.get("refusal")),  # refusal
+                msg.get("tool_calls") or None,  # tool_calls
             )
         )
-    completion = Completion(
-        response_id=_str(data.get("id")),
-        model=_str(data.get("model")),
-        provider=_str(data.get("provider")),
-        system_fingerprint=_str(data.get("system_fingerprint")),
-        created=data.get("created") if isinstance(data.get("created"), int) else None,
-        choices=tuple(choices),
-        usage=usage,
-        raw=raw,
-        provider_request_id=request_id,
+    created = data.get("created")
+    failed = any(ch.finish_reason == "error" for ch in choices)
+    completion = Completion(  # positional, in the order of the fields
+        _str(data.get("id")),  # response_id
+        _str(data.get("model")),  # model
+        _str(data.get("provider")),  # provider
+        _str(data.get("system_fingerprint")),  # system_fingerprint
+        created if isinstance(created, int) else None,  # created
+        tuple(choices),  # choices
+        usage,  # usage
+        raw,  # raw
+        request_id,  # provider_request_id
+        None,  # stream
+        False,  # partial
+        None if failed else rate,  # rate (an error carries it itself)
     )
-    if any(ch.finish_reason == "error" for ch in choices):
+    if failed:
         err = InvalidResponse(
             'the provider ended the answer with finish_reason "error"',
             code="finish_reason_error",

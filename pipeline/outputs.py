@@ -104,21 +104,24 @@ def outcome_result(o: Outcome) -> dict[str, Any]:
 
 
 def _result_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    cols: dict[str, list[Any]] = {name: [] for name in RESULT_SCHEMA.names}
-    for r in rows:
-        for name in RESULT_SCHEMA.names:
-            if name == "cost_usd":
-                cols[name].append(usd(r.get("cost_picousd")))
-            elif name == "choices":
-                cols[name].append(r.get("choices_json"))
-            elif name == "reported_cost_usd":
-                v = r.get("reported_cost_usd")
-                if v is None and r.get("reported_cost_picousd") is not None:
-                    v = usd(r["reported_cost_picousd"])
-                cols[name].append(v)
-            else:
-                cols[name].append(r.get(name))
+    cols: dict[str, list[Any]] = {}
+    for name in RESULT_SCHEMA.names:  # column by column: one pass over the rows each
+        if name == "cost_usd":
+            cols[name] = [usd(r.get("cost_picousd")) for r in rows]
+        elif name == "choices":
+            cols[name] = [r.get("choices_json") for r in rows]
+        elif name == "reported_cost_usd":
+            cols[name] = [_reported_usd(r) for r in rows]
+        else:
+            cols[name] = [r.get(name) for r in rows]
     return cols
+
+
+def _reported_usd(r: Mapping[str, Any]) -> Decimal | None:
+    v: Decimal | None = r.get("reported_cost_usd")
+    if v is None and r.get("reported_cost_picousd") is not None:
+        v = usd(r["reported_cost_picousd"])
+    return v
 
 
 def _records(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline.outputs import PartWriter, outcome_result
 from pipeline.progress import Counters
@@ -58,7 +58,7 @@ class Recorder:
         self.commits = 0
         self.recorded = 0
 
-    async def run(self, messages: ObjectReceiveStream[Outcome | Claim]) -> None:
+    async def run(self, messages: MemoryObjectReceiveStream[Outcome | Claim]) -> None:
         """Consume until the stream closes; every received message is committed, in order."""
         async with messages:
             while True:
@@ -74,7 +74,14 @@ class Recorder:
                 with anyio.move_on_after(self.max_delay):
                     while len(batch) < self.batch_size:
                         try:
-                            msg = await messages.receive()
+                            # what is already queued is taken without a trip through the event loop
+                            msg = messages.receive_nowait()
+                        except anyio.WouldBlock:
+                            try:
+                                msg = await messages.receive()
+                            except anyio.EndOfStream:
+                                ended = True
+                                break
                         except anyio.EndOfStream:
                             ended = True
                             break

@@ -66,28 +66,46 @@ class Usage:
     def from_api(cls, u: Any) -> Usage | None:
         if not isinstance(u, dict):
             return None
-        prompt = _int(u, "prompt_tokens") or 0
-        completion = _int(u, "completion_tokens") or 0
-        return cls(
-            prompt=prompt,
-            completion=completion,
-            total=_int(u, "total_tokens") or prompt + completion,
-            cached=_int(u, "prompt_tokens_details", "cached_tokens") or 0,
-            cache_write=(
-                _int(u, "prompt_tokens_details", "cache_write_tokens")
-                or _int(u, "prompt_tokens_details", "cache_creation_tokens")
-                or _int(u, "cache_creation_input_tokens")
+        get = u.get
+        prompt = _num(get("prompt_tokens")) or 0
+        completion = _num(get("completion_tokens")) or 0
+        pd = get("prompt_tokens_details")
+        cd = get("completion_tokens_details")
+        if not isinstance(pd, dict):
+            pd = _NONE
+        if not isinstance(cd, dict):
+            cd = _NONE
+        return cls(  # positional, in the order of the fields: a third of the time of keywords
+            prompt,
+            completion,
+            _num(get("total_tokens")) or prompt + completion,
+            _num(pd.get("cached_tokens")) or 0,
+            (
+                _num(pd.get("cache_write_tokens"))
+                or _num(pd.get("cache_creation_tokens"))
+                or _num(get("cache_creation_input_tokens"))
                 or 0
             ),
-            reasoning=_int(u, "completion_tokens_details", "reasoning_tokens") or 0,
-            audio_prompt=_int(u, "prompt_tokens_details", "audio_tokens") or 0,
-            audio_completion=_int(u, "completion_tokens_details", "audio_tokens") or 0,
-            accepted_prediction=_int(u, "completion_tokens_details", "accepted_prediction_tokens") or 0,
-            rejected_prediction=_int(u, "completion_tokens_details", "rejected_prediction_tokens") or 0,
-            reported_cost=_money(u, "cost"),
-            upstream_cost=_money(u, "cost_details", "upstream_inference_cost"),
-            raw=u,
+            _num(cd.get("reasoning_tokens")) or 0,
+            _num(pd.get("audio_tokens")) or 0,
+            _num(cd.get("audio_tokens")) or 0,
+            _num(cd.get("accepted_prediction_tokens")) or 0,
+            _num(cd.get("rejected_prediction_tokens")) or 0,
+            None if get("cost") is None else _money(u, "cost"),
+            None if get("cost_details") is None else _money(u, "cost_details", "upstream_inference_cost"),
+            False,
+            u,
         )
+
+
+_NONE: dict[str, Any] = {}  # an absent *_details object
+
+
+def _num(v: Any) -> int | None:
+    """A token count as _int reads it, for a value already looked up."""
+    if v.__class__ is int:
+        return v
+    return _int(v)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ import orjson
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from pipeline.client import ChatClient
+from pipeline.collector import fewer_collections
 from pipeline.errors import InputError, RunStateError, SpecError, StorageError
 from pipeline.inputs import Row, RowSource, file_sha256
 from pipeline.limits import CircuitBreaker, RouteLimiter
@@ -341,7 +342,8 @@ async def _session(
         )
 
     try:
-        await _dispatch(store, plan, worker, recorder, counters, display, handle_signals)
+        with fewer_collections():
+            await _dispatch(store, plan, worker, recorder, counters, display, handle_signals)
     finally:
         if lease is not None:
             with anyio.CancelScope(shield=True):

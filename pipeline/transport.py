@@ -8,41 +8,53 @@ aiohttp's exceptions into httpx's
 (a cut body, a reset and a read timeout stay distinguishable, unlike in httpx-aiohttp,
 which maps every ``ClientConnectionError`` to ``ConnectTimeout``).
 
+The client's hot path (one non-streamed POST) skips even httpx's Request and Response objects:
+:meth:`AiohttpTransport.post` prepares a :class:`Post` that sends through the same session
+with the same headers, timeouts, proxy, decoding and exception mapping, and hands back the
+status, the headers (read as httpx reads them) and the body.
+
 It never retries: the pipeline has exactly one retry layer (``pipeline.worker``).
 """
 
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import aiohttp
 import httpx
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
-__all__ = ["AiohttpTransport"]
+__all__ = ["AiohttpTransport", "Post", "ResponseHeaders"]
+
+
+def _httpx_error(exc: aiohttp.ClientError | TimeoutError, request: httpx.Request | None) -> httpx.HTTPError:
+    """aiohttp's exception as httpx's (raised ``from`` it by the caller)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(exc) or "connect timeout", request=request)
+    if isinstance(exc, (TimeoutError, aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError)):
+        return httpx.ReadTimeout(str(exc) or "read timeout", request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc), request=request)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return httpx.RemoteProtocolError("server disconnected before a full answer", request=request)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return httpx.RemoteProtocolError(f"response body cut short: {exc}", request=request)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return httpx.RemoteProtocolError(f"invalid HTTP response: {exc.message}", request=request)
+    if isinstance(exc, aiohttp.ClientOSError):
+        return httpx.ReadError(f"connection error: {exc}", request=request)
+    return httpx.NetworkError(f"{type(exc).__name__}: {exc}", request=request)
 
 
 @contextmanager
-def _mapped(request: httpx.Request) -> Iterator[None]:
+def _mapped(request: httpx.Request | None) -> Iterator[None]:
     try:
         yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
-    except (TimeoutError, aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise httpx.ReadTimeout(str(exc) or "read timeout", request=request) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise httpx.ConnectError(str(exc), request=request) from exc
-    except aiohttp.ServerDisconnectedError as exc:
-        raise httpx.RemoteProtocolError("server disconnected before a full answer", request=request) from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise httpx.RemoteProtocolError(f"response body cut short: {exc}", request=request) from exc
-    except aiohttp.ClientResponseError as exc:
-        raise httpx.RemoteProtocolError(f"invalid HTTP response: {exc.message}", request=request) from exc
-    except aiohttp.ClientOSError as exc:
-        raise httpx.ReadError(f"connection error: {exc}", request=request) from exc
-    except aiohttp.ClientError as exc:
-        raise httpx.NetworkError(f"{type(exc).__name__}: {exc}", request=request) from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _httpx_error(exc, request) from exc
 
 
 class _Body(httpx.AsyncByteStream):
@@ -57,6 +69,110 @@ class _Body(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         self._response.release()
+
+
+class ResponseHeaders(Mapping[str, str]):
+    """aiohttp's response headers read as httpx reads them: names case-insensitive and
+    listed in lower case, a repeated header's values joined with ", "."""
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, headers: CIMultiDictProxy[str]) -> None:
+        self._headers = headers
+
+    def __getitem__(self, key: str) -> str:
+        values = self._headers.getall(key)  # KeyError when absent
+        return values[0] if len(values) == 1 else ", ".join(values)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._headers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys(k.lower() for k in self._headers))
+
+    def __len__(self) -> int:
+        return len({k.lower() for k in self._headers})
+
+
+class _Unset:
+    pass
+
+
+_UNSET = _Unset()
+
+
+class Post:
+    """One prepared ``POST`` (URL, headers, timeouts fixed), sent straight through aiohttp.
+
+    The client's hot path: a non-streamed request needs none of httpx's Request/Response
+    machinery, which costs more CPU than aiohttp itself. What goes on the wire, the timeouts,
+    the proxy, the decoding of a compressed body and the exceptions raised (httpx's, mapped
+    from aiohttp's by the same rules) are those of :meth:`AiohttpTransport.handle_async_request`.
+    """
+
+    __slots__ = ("_headers", "_proxy", "_timeout", "_transport", "_url", "_yarl")
+
+    def __init__(
+        self,
+        transport: AiohttpTransport,
+        url: httpx.URL,
+        headers: Sequence[tuple[str, str]],
+        timeout: Mapping[str, float | None],
+    ) -> None:
+        self._transport = transport
+        self._url = url
+        self._yarl = URL(str(url))
+        self._headers = CIMultiDict(_request_headers(headers))
+        self._timeout = _client_timeout(timeout)
+        self._proxy: str | _Unset | None = _UNSET  # looked up on the first send, as the transport does
+
+    async def __call__(self, content: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        """Send ``content``; the status, the headers and the (decoded) body."""
+        transport = self._transport
+        session = transport._get_session()
+        proxy = self._proxy
+        if isinstance(proxy, _Unset):
+            proxy = self._proxy = transport._proxy(self._url)
+        try:
+            response = await session.request(
+                "POST",
+                self._yarl,
+                headers=self._headers,
+                data=content or None,
+                timeout=self._timeout,
+                allow_redirects=False,
+                proxy=proxy,
+            )
+            try:
+                body = await response.read()
+            finally:
+                response.release()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _httpx_error(exc, None) from exc
+        headers = ResponseHeaders(response.headers)
+        if "content-encoding" in headers:  # compressed: httpx decodes it, as it would on the slow path
+            decoded = httpx.Response(
+                status_code=response.status,
+                headers=_decoded_headers(response),
+                stream=httpx.ByteStream(body),
+            )
+            body = await decoded.aread()
+        return response.status, headers, body
+
+
+def _request_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What goes on the wire: aiohttp sets Host and Content-Length itself."""
+    return [(k, v) for k, v in headers if k.lower() not in ("host", "content-length")]
+
+
+def _client_timeout(t: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
+    # httpx's "write" has no aiohttp twin (a request body is small); "pool" is moot: the
+    # connector holds a connection per request in flight, bounded by the route limits.
+    return aiohttp.ClientTimeout(total=None, sock_connect=t.get("connect"), sock_read=t.get("read"))
+
+
+def _decoded_headers(response: aiohttp.ClientResponse) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -100,14 +216,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._get_session()
-        t = request.extensions.get("timeout", {})
-        # httpx's "write" has no aiohttp twin (a request body is small); "pool" is moot: the
-        # connector holds a connection per request in flight, bounded by the route limits.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.get("connect"), sock_read=t.get("read"))
+        timeout = _client_timeout(request.extensions.get("timeout", {}))
         body = await request.aread()
-        headers = [
-            (k, v) for k, v in request.headers.multi_items() if k.lower() not in ("host", "content-length")
-        ]
+        headers = _request_headers(request.headers.multi_items())
         with _mapped(request):
             response = await session.request(
                 request.method,
@@ -120,10 +231,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
         return httpx.Response(
             status_code=response.status,
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
+            headers=_decoded_headers(response),
             stream=_Body(response, request),
             extensions={"http_version": b"HTTP/1.1"},
         )
+
+    def post(
+        self, url: httpx.URL, headers: Sequence[tuple[str, str]], timeout: Mapping[str, float | None]
+    ) -> Post:
+        """A prepared POST to ``url`` with these headers and timeouts (see :class:`Post`)."""
+        return Post(self, url, headers, timeout)
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -125,6 +125,7 @@ class Worker:
         self.prices = prices
         self.budget = budget
         self._sleep = sleep
+        prices.prepare(r.spec.model for r in routes)
 
     def usable(self) -> bool:
         """Is any route still open? (False once every endpoint refused us.)"""

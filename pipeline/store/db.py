@@ -38,6 +38,7 @@ from sqlalchemy.sql.elements import TextClause
 from pipeline.errors import StorageError
 from pipeline.pricing import picousd
 from pipeline.records import Attempt, Outcome
+from pipeline.store.prepared import Prepared
 from pipeline.store.schema import attempt, completion, request, run, worker
 
 __all__ = ["DuplicateRequestId", "Store", "migrations_dir", "utcnow"]
@@ -82,6 +83,7 @@ class Store:
     def __init__(self, engine: AsyncEngine, url: str) -> None:
         self.engine = engine
         self.url = url
+        self._statements: dict[str, Prepared] | None = None
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -250,9 +252,10 @@ class Store:
         ``owner``: the worker recording, when several share the run (see :func:`_reconcile`);
         returns the requests another worker had already answered (their state is kept).
         """
-        attempt_rows: list[dict[str, Any]] = []
-        completion_rows: list[dict[str, Any]] = []
-        request_rows: list[dict[str, Any]] = []
+        attempt_rows: list[tuple[Any, ...]] = []
+        completion_rows: list[tuple[Any, ...]] = []
+        request_rows: list[tuple[Any, ...]] = []
+        now = utcnow()  # the batch's finishing time
         for o in outcomes:
             cost = reported = None
             for a in o.attempts:
@@ -266,54 +269,44 @@ class Store:
                     reported = (reported or 0) + picousd(rc)
             final = o.final
             request_rows.append(
-                {
-                    "b_run_id": run_id,
-                    "b_custom_id": o.custom_id,
-                    "b_state": o.state,
-                    "b_n": len(o.attempts),
-                    "b_final": final.attempt_no if final else None,
-                    "b_error": o.error,
-                    "b_cost": cost,
-                    "b_reported": reported,
-                    "b_finished": utcnow() if o.state != "pending" else None,
-                }
-            )
-        upd = (
-            update(request)
-            .where(
-                and_(
-                    request.c.run_id == bindparam("b_run_id"),
-                    request.c.custom_id == bindparam("b_custom_id"),
+                (
+                    run_id,
+                    o.custom_id,
+                    o.state,
+                    len(o.attempts),
+                    final.attempt_no if final else None,
+                    o.error,
+                    cost,
+                    reported,
+                    now if o.state != "pending" else None,
                 )
             )
-            .values(
-                state=bindparam("b_state"),
-                # typed, so PostgreSQL knows what "$5 IS NULL" compares
-                attempts=request.c.attempts + bindparam("b_n", type_=Integer),
-                final_attempt_no=func.coalesce(
-                    bindparam("b_final", type_=Integer), request.c.final_attempt_no
-                ),
-                error=bindparam("b_error", type_=Text),
-                cost_picousd=_add_nullable(request.c.cost_picousd, bindparam("b_cost", type_=BigInteger)),
-                reported_cost_picousd=_add_nullable(
-                    request.c.reported_cost_picousd, bindparam("b_reported", type_=BigInteger)
-                ),
-                finished_at=bindparam("b_finished", type_=DateTime),
-            )
-        )
+        prepared = self._prepared()
         async with self._conn() as conn:
             kept: set[str] = set()
             if owner is not None:
                 kept = await _reconcile(conn, run_id, attempt_rows, completion_rows, request_rows, outcomes)
-            if attempt_rows:
-                await conn.execute(insert(attempt), attempt_rows)
-            if completion_rows:
-                await conn.execute(insert(completion), completion_rows)
-            if request_rows:
-                await conn.execute(upd.execution_options(synchronize_session=False), request_rows)
+            for name, rows in (
+                ("attempt", attempt_rows),
+                ("completion", completion_rows),
+                ("request", request_rows),
+            ):
+                if rows:
+                    await conn.exec_driver_sql(prepared[name].sql, prepared[name].params(rows))
             if owner is not None:
                 await _release_recorded(conn, run_id, owner, outcomes)
         return kept
+
+    def _prepared(self) -> dict[str, Prepared]:
+        """record_outcomes' three statements, compiled once for this database."""
+        if self._statements is None:
+            dialect = self.engine.dialect
+            self._statements = {
+                "attempt": Prepared(insert(attempt), dialect, _ATTEMPT_KEYS, table=attempt),
+                "completion": Prepared(insert(completion), dialect, _COMPLETION_KEYS, table=completion),
+                "request": Prepared(_FINISH, dialect, _FINISH_KEYS),
+            }
+        return self._statements
 
     async def reject_rows(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         async with self._conn() as conn:
@@ -403,7 +396,9 @@ class Store:
                 q = q.where(r.c.state.in_(states))
             q = q.order_by(r.c.seq).limit(page)
             async with self._conn(write=False) as conn:
-                rows = [dict(m) for m in (await conn.execute(q)).mappings().all()]
+                result = await conn.execute(q)
+                keys = list(result.keys())
+                rows = [dict(zip(keys, row, strict=True)) for row in result.all()]
             if not rows:
                 return
             yield rows
@@ -657,15 +652,14 @@ class Store:
 # The database's clock (PostgreSQL): naive UTC like every time column, and epoch seconds.
 _DB_NOW = "(clock_timestamp() AT TIME ZONE 'utc')"
 _DB_EPOCH = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS double precision)"
-FINAL = ("succeeded", "failed", "rejected")
 
 
 async def _reconcile(
     conn: AsyncConnection,
     run_id: str,
-    attempt_rows: list[dict[str, Any]],
-    completion_rows: list[dict[str, Any]],
-    request_rows: list[dict[str, Any]],
+    attempt_rows: list[tuple[Any, ...]],
+    completion_rows: list[tuple[Any, ...]],
+    request_rows: list[tuple[Any, ...]],
     outcomes: Sequence[Outcome],
 ) -> set[str]:
     """Workers share the run: make a batch fit what other workers recorded meanwhile.
@@ -673,6 +667,7 @@ async def _reconcile(
     A worker whose lease ran out (it stalled) may finish a request that another worker also
     sent. Both attempts were paid, so both are kept, numbered after what is already there;
     a success already recorded stays the request's answer. Rows are locked in key order.
+    Rows are the tuples of ``_ATTEMPT_KEYS``, ``_COMPLETION_KEYS`` and ``_FINISH_KEYS``.
     """
     ids = sorted(o.custom_id for o in outcomes)
     q = text(
@@ -682,18 +677,22 @@ async def _reconcile(
     now = {cid: (n, st) for cid, n, st in (await conn.execute(q, {"r": run_id, "ids": ids})).all()}
     shift: dict[str, int] = {}
     kept: set[str] = set()
-    for o, row in zip(outcomes, request_rows, strict=True):
+    for i, o in enumerate(outcomes):
+        row = list(request_rows[i])
         n, state = now.get(o.custom_id, (o.prior_attempts, "in_flight"))
         if n != o.prior_attempts:
             shift[o.custom_id] = n - o.prior_attempts
-            if row["b_final"] is not None:
-                row["b_final"] += n - o.prior_attempts
+            if row[_FINAL] is not None:
+                row[_FINAL] += n - o.prior_attempts
         if state == "succeeded":
             kept.add(o.custom_id)
-            row.update(b_state="succeeded", b_final=None, b_error=None)
+            row[_STATE], row[_FINAL], row[_ERROR] = "succeeded", None, None
+        request_rows[i] = tuple(row)
     if shift:
-        for r in (*attempt_rows, *completion_rows):
-            r["attempt_no"] += shift.get(r["custom_id"], 0)
+        for rows in (attempt_rows, completion_rows):  # (run_id, custom_id, attempt_no, ...)
+            for i, r in enumerate(rows):
+                if r[1] in shift:
+                    rows[i] = (*r[:2], r[2] + shift[r[1]], *r[3:])
     return kept
 
 
@@ -724,6 +723,42 @@ def _add_nullable(col: Any, value: Any) -> Any:
     return case((value.is_(None), col), else_=func.coalesce(col, 0) + value)
 
 
+# A finished request: its state, attempts and cost added to what earlier sessions recorded.
+_FINISH = (
+    update(request)
+    .where(
+        and_(
+            request.c.run_id == bindparam("b_run_id"),
+            request.c.custom_id == bindparam("b_custom_id"),
+        )
+    )
+    .values(
+        state=bindparam("b_state"),
+        # typed, so PostgreSQL knows what "$5 IS NULL" compares
+        attempts=request.c.attempts + bindparam("b_n", type_=Integer),
+        final_attempt_no=func.coalesce(bindparam("b_final", type_=Integer), request.c.final_attempt_no),
+        error=bindparam("b_error", type_=Text),
+        cost_picousd=_add_nullable(request.c.cost_picousd, bindparam("b_cost", type_=BigInteger)),
+        reported_cost_picousd=_add_nullable(
+            request.c.reported_cost_picousd, bindparam("b_reported", type_=BigInteger)
+        ),
+        finished_at=bindparam("b_finished", type_=DateTime),
+    )
+)
+_FINISH_KEYS = (
+    "b_run_id",
+    "b_custom_id",
+    "b_state",
+    "b_n",
+    "b_final",
+    "b_error",
+    "b_cost",
+    "b_reported",
+    "b_finished",
+)
+_STATE, _FINAL, _ERROR = (_FINISH_KEYS.index(k) for k in ("b_state", "b_final", "b_error"))
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -732,77 +767,144 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _attempt_row(run_id: str, custom_id: str, a: Attempt) -> dict[str, Any]:
+# The columns of the rows below, in their order (Prepared checks them against the table).
+_ATTEMPT_KEYS = (
+    "run_id",
+    "custom_id",
+    "attempt_no",
+    "endpoint",
+    "base_url",
+    "model",
+    "started_at",
+    "latency_ms",
+    "http_status",
+    "outcome",
+    "error_class",
+    "error_message",
+    "retry_after_s",
+    "wait_s",
+    "provider_request_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "audio_prompt_tokens",
+    "audio_completion_tokens",
+    "accepted_prediction_tokens",
+    "rejected_prediction_tokens",
+    "usage_estimated",
+    "usage_json",
+    "cost_picousd",
+    "cost_source",
+    "cost_note",
+    "reported_cost_picousd",
+    "upstream_cost_picousd",
+    "stream",
+    "ttft_ms",
+    "ttlt_ms",
+    "output_tokens_per_s",
+    "partial",
+)
+_NO_USAGE = (None,) * 12  # prompt_tokens .. usage_json
+
+
+def _attempt_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
     u = a.usage
     rc = up = None
-    if u is not None and (u.reported_cost is not None or u.upstream_cost is not None):
-        rc = None if u.reported_cost is None else picousd(u.reported_cost)
-        up = None if u.upstream_cost is None else picousd(u.upstream_cost)
-    return {
-        "run_id": run_id,
-        "custom_id": custom_id,
-        "attempt_no": a.attempt_no,
-        "endpoint": a.endpoint,
-        "base_url": a.base_url,
-        "model": a.model,
-        "started_at": a.started_at,
-        "latency_ms": a.latency_ms,
-        "http_status": a.http_status,
-        "outcome": a.outcome,
-        "error_class": a.error_class,
-        "error_message": a.error_message,
-        "retry_after_s": a.retry_after_s,
-        "wait_s": a.wait_s,
-        "provider_request_id": a.provider_request_id,
-        "prompt_tokens": None if u is None else u.prompt,
-        "completion_tokens": None if u is None else u.completion,
-        "total_tokens": None if u is None else u.total,
-        "cached_tokens": None if u is None else u.cached,
-        "cache_write_tokens": None if u is None else u.cache_write,
-        "reasoning_tokens": None if u is None else u.reasoning,
-        "audio_prompt_tokens": None if u is None else u.audio_prompt,
-        "audio_completion_tokens": None if u is None else u.audio_completion,
-        "accepted_prediction_tokens": None if u is None else u.accepted_prediction,
-        "rejected_prediction_tokens": None if u is None else u.rejected_prediction,
-        "usage_estimated": None if u is None else u.estimated,
-        "usage_json": None if u is None or u.raw is None else orjson.dumps(u.raw).decode(),
-        "cost_picousd": a.cost_picousd,
-        "cost_source": a.cost_source,
-        "cost_note": a.cost_note,
-        "reported_cost_picousd": rc,
-        "upstream_cost_picousd": up,
-        "stream": a.stream,
-        "ttft_ms": a.ttft_ms,
-        "ttlt_ms": a.ttlt_ms,
-        "output_tokens_per_s": a.output_tokens_per_s,
-        "partial": a.partial,
-    }
+    if u is None:
+        usage: tuple[Any, ...] = _NO_USAGE
+    else:
+        if u.reported_cost is not None or u.upstream_cost is not None:
+            rc = None if u.reported_cost is None else picousd(u.reported_cost)
+            up = None if u.upstream_cost is None else picousd(u.upstream_cost)
+        usage = (
+            u.prompt,
+            u.completion,
+            u.total,
+            u.cached,
+            u.cache_write,
+            u.reasoning,
+            u.audio_prompt,
+            u.audio_completion,
+            u.accepted_prediction,
+            u.rejected_prediction,
+            u.estimated,
+            None if u.raw is None else orjson.dumps(u.raw).decode(),
+        )
+    return (
+        run_id,
+        custom_id,
+        a.attempt_no,
+        a.endpoint,
+        a.base_url,
+        a.model,
+        a.started_at,
+        a.latency_ms,
+        a.http_status,
+        a.outcome,
+        a.error_class,
+        a.error_message,
+        a.retry_after_s,
+        a.wait_s,
+        a.provider_request_id,
+        *usage,
+        a.cost_picousd,
+        a.cost_source,
+        a.cost_note,
+        rc,
+        up,
+        a.stream,
+        a.ttft_ms,
+        a.ttlt_ms,
+        a.output_tokens_per_s,
+        a.partial,
+    )
 
 
-def _completion_row(run_id: str, custom_id: str, a: Attempt) -> dict[str, Any]:
+_COMPLETION_KEYS = (
+    "run_id",
+    "custom_id",
+    "attempt_no",
+    "response_id",
+    "model",
+    "provider",
+    "system_fingerprint",
+    "finish_reason",
+    "content",
+    "reasoning",
+    "refusal",
+    "tool_calls",
+    "choices_json",
+    "raw",
+    "parsed",
+    "validation_error",
+)
+
+
+def _completion_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
     c = a.completion
     assert c is not None
     first = c.first
-    return {
-        "run_id": run_id,
-        "custom_id": custom_id,
-        "attempt_no": a.attempt_no,
-        "response_id": c.response_id,
-        "model": c.model,
-        "provider": c.provider,
-        "system_fingerprint": c.system_fingerprint,
-        "finish_reason": first.finish_reason,
-        "content": first.content,
-        "reasoning": first.reasoning,
-        "refusal": first.refusal,
-        "tool_calls": None if first.tool_calls is None else orjson.dumps(first.tool_calls).decode(),
-        "choices_json": None
-        if len(c.choices) < 2
-        else orjson.dumps([ch.to_dict() for ch in c.choices]).decode(),
-        "raw": c.raw.decode("utf-8", "replace"),
-        "parsed": a.parsed,
-        "validation_error": a.validation_error,
-    }
+    return (
+        run_id,
+        custom_id,
+        a.attempt_no,
+        c.response_id,
+        c.model,
+        c.provider,
+        c.system_fingerprint,
+        first.finish_reason,
+        first.content,
+        first.reasoning,
+        first.refusal,
+        None if first.tool_calls is None else orjson.dumps(first.tool_calls).decode(),
+        None if len(c.choices) < 2 else orjson.dumps([ch.to_dict() for ch in c.choices]).decode(),
+        c.raw.decode("utf-8", "replace"),
+        a.parsed,
+        a.validation_error,
+    )
 
 
 def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
