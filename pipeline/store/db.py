@@ -588,13 +588,7 @@ class Store:
         database's now, cooldown_until, learned_rpm, learned_tpm), all in database seconds."""
         col = "requests_tat" if kind == "requests" else "tokens_tat"
         async with self._conn() as conn:
-            await conn.execute(
-                text(
-                    "INSERT INTO rate_slot (route_key, requests_tat, tokens_tat, cooldown_until) "
-                    "VALUES (:k, 0, 0, 0) ON CONFLICT (route_key) DO NOTHING"
-                ),
-                {"k": route_key},
-            )
+            await _ensure_rate_slot(conn, route_key)
             row = (
                 await conn.execute(
                     text(
@@ -624,13 +618,7 @@ class Store:
         """Tell every worker of a 429 (cool down ``cooldown_s`` from now) or of a learned limit,
         and read what others told: (database now, cooldown_until, learned_rpm, learned_tpm)."""
         async with self._conn() as conn:
-            await conn.execute(
-                text(
-                    "INSERT INTO rate_slot (route_key, requests_tat, tokens_tat, cooldown_until) "
-                    "VALUES (:k, 0, 0, 0) ON CONFLICT (route_key) DO NOTHING"
-                ),
-                {"k": route_key},
-            )
+            await _ensure_rate_slot(conn, route_key)
             row = (
                 await conn.execute(
                     text(
@@ -694,6 +682,17 @@ async def _reconcile(
                 if r[1] in shift:
                     rows[i] = (*r[:2], r[2] + shift[r[1]], *r[3:])
     return kept
+
+
+async def _ensure_rate_slot(conn: AsyncConnection, route_key: str) -> None:
+    """A provider limit's row exists from its first use on (by any worker)."""
+    await conn.execute(
+        text(
+            "INSERT INTO rate_slot (route_key, requests_tat, tokens_tat, cooldown_until) "
+            "VALUES (:k, 0, 0, 0) ON CONFLICT (route_key) DO NOTHING"
+        ),
+        {"k": route_key},
+    )
 
 
 async def _release_recorded(
