@@ -171,8 +171,10 @@ def _client_timeout(t: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, sock_connect=t.get("connect"), sock_read=t.get("read"))
 
 
-def _decoded_headers(response: aiohttp.ClientResponse) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
+def _decoded_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    """The response headers as the server sent them: bytes, which httpx takes as they are
+    (a str value outside ASCII would make httpx raise UnicodeEncodeError)."""
+    return list(response.raw_headers)
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):

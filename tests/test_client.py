@@ -568,3 +568,42 @@ def test_rate_limit_headers_parse_and_absent_headers_give_none() -> None:
     info = parse_rate_headers(headers)
     assert info == RateInfo(1200, 0, 2.5, 150000, 149000, 0.4)
     assert parse_rate_headers(httpx.Headers({"content-type": "application/json"})) is None
+
+
+@pytest.mark.usefixtures("no_proxy")
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_header_value_outside_ascii_does_not_break_an_answer(stream: bool) -> None:
+    """Servers send UTF-8 in header values now and then (a provider name, a message): the
+    answer still arrives, streamed or not, and the header reads as httpx reads it."""
+    body = completion_body(message={"content": "fine"})
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        headers = {"x-request-id": "req-utf8", "x-note": "café"}
+        if not stream:
+            return web.json_response(body, headers=headers)
+        resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {**body, "object": "chat.completion.chunk"}
+        chunk["choices"] = [
+            {"index": 0, "delta": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}
+        ]
+        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async with aiohttp_server(handler) as base:
+        client = ChatClient(
+            EndpointSpec(name="local", base_url=base),
+            base_url=base + "/v1",
+            api_key=None,
+            retry=RetrySpec(),
+            transport=AiohttpTransport(),
+        )
+        try:
+            completion, status = await client.complete("m", {"messages": MESSAGES}, stream=stream)
+        finally:
+            await client.aclose()
+    assert status == 200 and completion.first.content == "fine"
+    assert completion.provider_request_id == "req-utf8"
