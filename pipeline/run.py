@@ -104,7 +104,7 @@ async def execute(
     async with AsyncExitStack() as stack:
         store = await Store.open(spec.db_url)
         stack.push_async_callback(store.close)
-        run_id = await _load(store, spec, source, input_hash)
+        run_id, _ = await _load(store, spec, source, input_hash)
         return await _session(
             stack,
             store,
@@ -127,16 +127,14 @@ async def submit(spec: JobSpec) -> SubmitSummary:
     input_hash = await anyio.to_thread.run_sync(file_sha256, spec.input.path)
     store = await Store.open(spec.db_url)
     try:
-        existing = await store.get_run(spec.run_id or spec.job)
-        already = existing is not None and bool(existing["loaded"]) and not spec.new_run
-        run_id = await _load(store, spec, source, input_hash)
-        if not already:
+        run_id, loaded_now = await _load(store, spec, source, input_hash)
+        if loaded_now:
             await store.update_run(run_id, state="submitted")
         counts = await store.state_counts(run_id)
     finally:
         await store.close()
     return SubmitSummary(
-        run_id=run_id, job=spec.job, counts=counts, already_loaded=already, db=db_display(spec.db)
+        run_id=run_id, job=spec.job, counts=counts, already_loaded=not loaded_now, db=db_display(spec.db)
     )
 
 
@@ -173,13 +171,13 @@ async def work(
             if row is None:
                 break
             done.add(row["run_id"])
-            stored = orjson.loads(row["spec_json"])
             if spec is not None and spec.job != row["job"]:
                 raise RunStateError(f"run {row['run_id']!r} belongs to job {row['job']!r}, not {spec.job!r}")
-            run_spec = spec or spec_from_record(stored, db=db, out=out or Path(stored.get("out") or "out"))
-            if out is not None:
-                run_spec = replace(run_spec, out=out)
-            run_spec = replace(run_spec, db=db)
+            if spec is None:
+                stored = orjson.loads(row["spec_json"])
+                run_spec = spec_from_record(stored, db=db, out=out or Path(stored.get("out") or "out"))
+            else:
+                run_spec = replace(spec, db=db, out=out or spec.out)
             keys = _keys(run_spec, environ)
             async with AsyncExitStack() as stack:
                 summaries.append(
@@ -213,7 +211,7 @@ async def _next_run(
                 f"no submitted run {run_id!r} in the database (load it with 'pipeline submit SPEC')"
             )
         return row
-    states = ("pending", "in_flight", "failed") if retry_failed else ("pending", "in_flight")
+    states = _send_states(retry_failed)
     for row in await store.list_runs():
         if row["run_id"] in done or not row["loaded"] or row["state"] == "rejected":
             continue
@@ -221,6 +219,11 @@ async def _next_run(
         if any(counts.get(st) for st in states):
             return row
     return None
+
+
+def _send_states(retry_failed: bool) -> tuple[str, ...]:
+    """The request states a session sends: what is not done, and failed ones when asked."""
+    return ("pending", "in_flight", "failed") if retry_failed else ("pending", "in_flight")
 
 
 def _keys(spec: JobSpec, environ: Mapping[str, str] | None) -> dict[str, str | None]:
@@ -237,8 +240,9 @@ def _source(spec: JobSpec) -> RowSource:
     )
 
 
-async def _load(store: Store, spec: JobSpec, source: RowSource, input_hash: str) -> str:
-    """Create the run (or find it) and load its requests once; returns the run id."""
+async def _load(store: Store, spec: JobSpec, source: RowSource, input_hash: str) -> tuple[str, bool]:
+    """Create the run (or find it) and load its requests once; returns the run id and
+    whether its requests were loaded now (False: an earlier session loaded them)."""
     run_id = spec.run_id or spec.job
     existing = await store.get_run(run_id)
     if spec.new_run and existing is not None:
@@ -270,7 +274,8 @@ async def _load(store: Store, spec: JobSpec, source: RowSource, input_hash: str)
                 run_id, state="rejected", error=str(exc), exit_code=2, finished_at=utcnow()
             )
             raise
-    return run_id
+        return run_id, True
+    return run_id, False
 
 
 async def _session(
@@ -287,7 +292,7 @@ async def _session(
     lease_s: float,
 ) -> RunSummary:
     """Send what is left of one run. Alone on SQLite; one of many workers on PostgreSQL."""
-    states = ("pending", "in_flight", "failed") if retry_failed else ("pending", "in_flight")
+    states = _send_states(retry_failed)
     out_dir = results_dir(spec.out, spec.job, run_id)
     keep = spec.template.keep_columns if spec.template else None
     records = spec.template is not None or bool(spec.input.messages_column or spec.input.body_column)

@@ -451,22 +451,19 @@ class Store:
                 text(f"UPDATE worker SET finished_at = {_DB_NOW} WHERE worker_id = :w"), {"w": worker_id}
             )
 
-    async def live_workers(self, run_id: str, host: str | None = None) -> list[dict[str, Any]]:
-        """Workers of the run that have not finished (on ``host`` only, when given)."""
-        sql = (
-            "SELECT worker_id, host, pid, heartbeat_at FROM worker WHERE run_id = :r AND finished_at IS NULL"
-        )
-        params: dict[str, Any] = {"r": run_id}
-        if host is not None:
-            sql += " AND host = :h"
-            params["h"] = host
-        return await self.execute_text(sql, params)
-
     async def workers(self, run_id: str) -> list[dict[str, Any]]:
         """Every process that worked on the run (PostgreSQL), in the order they started."""
         q = select(worker).where(worker.c.run_id == run_id).order_by(worker.c.started_at, worker.c.worker_id)
         async with self._conn(write=False) as conn:
             return [dict(m) for m in (await conn.execute(q)).mappings().all()]
+
+    async def live_workers(self, run_id: str, host: str | None = None) -> list[dict[str, Any]]:
+        """Workers of the run that have not finished (on ``host`` only, when given)."""
+        return [
+            w
+            for w in await self.workers(run_id)
+            if w["finished_at"] is None and (host is None or w["host"] == host)
+        ]
 
     async def end_workers(self, run_id: str, worker_ids: Sequence[str]) -> int:
         """Workers known to be dead: finish them and free their leases now. Returns requests freed."""
