@@ -159,20 +159,8 @@ class ChatClient:
         payload = orjson.dumps({"model": model, **body})
         try:
             status, headers, content = await self._post(payload)
-        except httpx.ConnectTimeout as exc:
-            raise TransportError(f"connect timeout: {exc}", what="connect_timeout") from exc
-        except httpx.ConnectError as exc:
-            raise TransportError(f"cannot connect: {exc}", what="connect") from exc
-        except httpx.ReadTimeout as exc:
-            raise TransportError("read timeout: no answer in time", what="read_timeout") from exc
-        except httpx.TimeoutException as exc:
-            raise TransportError(f"timeout: {exc}", what="read_timeout") from exc
-        except httpx.RemoteProtocolError as exc:
-            raise TransportError(str(exc), what="truncated") from exc
-        except httpx.DecodingError as exc:
-            raise TransportError(f"undecodable body: {exc}", what="truncated") from exc
-        except httpx.TransportError as exc:
-            raise TransportError(str(exc) or type(exc).__name__, what="reset") from exc
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            raise _transport_error(exc, streamed=False) from exc
         request_id = headers.get("x-request-id") or headers.get("request-id")
         rate = parse_rate_headers(headers)
         if 200 <= status < 300:
@@ -491,20 +479,24 @@ def _stream_body(model: str, body: Mapping[str, Any]) -> dict[str, Any]:
     return {"model": model, **body, "stream": True, "stream_options": merged}
 
 
-def _transport_error(exc: httpx.HTTPError, idle_s: float | None = None) -> TransportError:
-    """httpx's exceptions as the attempt record names them (the non-streamed mapping, plus
-    the idle timeout)."""
+def _transport_error(
+    exc: httpx.HTTPError, idle_s: float | None = None, *, streamed: bool = True
+) -> TransportError:
+    """httpx's exceptions as the attempt record names them. A streamed read that times out
+    is an idle stream (``idle_s`` without a byte); a cut is a cut stream."""
     if isinstance(exc, httpx.ConnectTimeout):
         return TransportError(f"connect timeout: {exc}", what="connect_timeout")
     if isinstance(exc, httpx.ConnectError):
         return TransportError(f"cannot connect: {exc}", what="connect")
     if isinstance(exc, httpx.ReadTimeout):
+        if not streamed:
+            return TransportError("read timeout: no answer in time", what="read_timeout")
         wait = f" for {idle_s:g} s" if idle_s else ""
         return TransportError(f"stream idle: no data arrived{wait}", what="read_timeout")
     if isinstance(exc, httpx.TimeoutException):
         return TransportError(f"timeout: {exc}", what="read_timeout")
     if isinstance(exc, httpx.RemoteProtocolError):
-        return TransportError(f"stream cut: {exc}", what="truncated")
+        return TransportError(f"stream cut: {exc}" if streamed else str(exc), what="truncated")
     if isinstance(exc, httpx.DecodingError):
         return TransportError(f"undecodable body: {exc}", what="truncated")
     return TransportError(str(exc) or type(exc).__name__, what="reset")
