@@ -18,6 +18,46 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+def spec_file(
+    path: Path,
+    base_url: str,
+    *,
+    job: str = "t",
+    model: str = "mock-small",
+    top: str = "",
+    retry: str = "",
+    extra: str = "",
+) -> Path:
+    """A TOML spec reading in.jsonl, with fast retries so tests never wait on backoff.
+    ``top``: more top-level keys; ``retry``: more [retry] keys; ``extra``: more tables."""
+    path.write_text(
+        f"""
+job = "{job}"
+model = "{model}"
+{top}
+
+[input]
+path = "in.jsonl"
+
+[endpoints.default]
+base_url = "{base_url}"
+
+[retry]
+backoff_base_s = 0.01
+backoff_max_s = 0.05
+max_attempts_per_route = 3
+{retry}
+
+[prices.mock-small]
+input = 0.15
+output = 0.60
+{extra}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
 def write_job(path: Path, base_url: str, *, rows: int, top: str = "", extra: str = "") -> Path:
     """A job spec at ``path`` (and its input beside it: ``rows`` plain questions) for the
     mock server at ``base_url``: fast retries, no breaker, prices for mock-small."""

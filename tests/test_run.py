@@ -18,39 +18,12 @@ from helpers import (
     every_row_as_text,
     plain_rows,
     query,
+    spec_file,
     untouched,
     write_jsonl,
 )
 
 from pipeline.mock import MockServer
-
-
-def spec_file(path: Path, base_url: str, *, extra: str = "", model: str = "mock-small") -> Path:
-    """A TOML spec with fast retries, so tests never wait on backoff."""
-    path.write_text(
-        f"""
-job = "t"
-model = "{model}"
-
-[input]
-path = "in.jsonl"
-
-[endpoints.default]
-base_url = "{base_url}"
-
-[retry]
-backoff_base_s = 0.01
-backoff_max_s = 0.05
-max_attempts_per_route = 3
-
-[prices.mock-small]
-input = 0.15
-output = 0.60
-{extra}
-""",
-        encoding="utf-8",
-    )
-    return path
 
 
 def run_args(db: str, server: MockServer, *more: str, model: str = "mock-small") -> list[str]:

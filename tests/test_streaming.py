@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from helpers import dict_rows, plain_rows, query, write_jsonl
+from helpers import dict_rows, plain_rows, query, spec_file, write_jsonl
 
 from pipeline.client import ChatClient, SSEParser
 from pipeline.errors import InvalidResponse, RateLimited, RequestError, ServerError, TransportError
@@ -416,36 +416,14 @@ async def test_errors_before_the_stream_and_json_answers_are_read_as_usual() -> 
 
 
 def write_spec(workdir: Path, base_url: str, *, top: str = "", retry: str = "") -> Path:
-    path = workdir / "job.toml"
-    path.write_text(
-        f"""
-job = "s"
-model = "mock-small"
-{top}
-
-[input]
-path = "in.jsonl"
-
-[endpoints.default]
-base_url = "{base_url}"
-
-[retry]
-backoff_base_s = 0.01
-backoff_max_s = 0.05
-max_attempts_per_route = 3
-{retry}
-
-[prices.mock-small]
-input = 0.15
-output = 0.60
-
-[prices.mock-large]
-input = 0.15
-output = 0.60
-""",
-        encoding="utf-8",
+    return spec_file(
+        workdir / "job.toml",
+        base_url,
+        job="s",
+        top=top,
+        retry=retry,
+        extra="\n[prices.mock-large]\ninput = 0.15\noutput = 0.60",
     )
-    return path
 
 
 def run(cli: Callable[..., Any], spec: Path, db: str, *more: str) -> Any:
