@@ -17,7 +17,6 @@ import email.utils
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -216,7 +215,7 @@ class ChatClient:
             try:
                 if 200 <= status < 300:
                     completion = parse_completion(raw, request_id=request_id)
-                    return (replace(completion, rate=rate) if rate else completion), status
+                    return (completion._replace(rate=rate) if rate else completion), status
                 raise error_from_response(status, raw, response.headers, request_id)
             except RequestError as exc:  # a 200 whose body is unusable: keep its status
                 exc.rate = rate
@@ -245,7 +244,7 @@ class ChatClient:
             if exc.completion is None:
                 exc.completion = assembler.partial(body)
             raise
-        return (replace(completion, rate=rate) if rate else completion), status
+        return (completion._replace(rate=rate) if rate else completion), status
 
 
 def parse_completion(
@@ -275,6 +274,7 @@ def parse_completion(
             "a 200 response without choices", provider_request_id=request_id, body=_snippet(raw)
         )
     choices = []
+    failed = False
     for i, c in enumerate(choices_raw):
         if not isinstance(c, dict):
             raise InvalidResponse(f"choices[{i}] is not an object", provider_request_id=request_id)
@@ -282,10 +282,13 @@ def parse_completion(
         if not isinstance(msg, dict):
             raise InvalidResponse(f"choices[{i}].message is not an object", provider_request_id=request_id)
         index = c.get("index", i)
+        finish = c.get("finish_reason")
+        if finish == "error":
+            failed = True
         choices.append(
             Choice(  # positional, in the order of the fields (faster than keywords)
                 index if isinstance(index, int) else i,  # index
-                c.get("finish_reason"),  # finish_reason
+                finish,  # finish_reason
                 _text(msg.get("content")),  # content
                 _text(msg.get("reasoning") or msg.get("reasoning_content")),  # reasoning
                 _text(msg.get("refusal")),  # refusal
@@ -293,7 +296,6 @@ def parse_completion(
             )
         )
     created = data.get("created")
-    failed = any(ch.finish_reason == "error" for ch in choices)
     completion = Completion(  # positional, in the order of the fields
         _str(data.get("id")),  # response_id
         _str(data.get("model")),  # model

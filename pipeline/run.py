@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import httpx
 import orjson
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.client import ChatClient
 from pipeline.collector import fewer_collections
@@ -742,7 +742,7 @@ async def _dispatch(
                 await stopping.wait()
         return None
 
-    async def feeder(send: ObjectSendStream[Task]) -> None:
+    async def feeder(send: MemoryObjectSendStream[Task]) -> None:
         async with send:
             after = -1
             while not stopping.is_set():
@@ -755,7 +755,10 @@ async def _dispatch(
                     for task in tasks:
                         if stopping.is_set() or not worker.may_dispatch():
                             return
-                        await send.send(task)
+                        try:
+                            send.send_nowait(task)  # a waiting worker takes it at once
+                        except anyio.WouldBlock:
+                            await send.send(task)
                         sent += 1
                 finally:  # also when cancelled: what was claimed but not handed over is unsent
                     unsent.extend(t.custom_id for t in tasks[sent:])
@@ -769,14 +772,31 @@ async def _dispatch(
             except StorageError as exc:  # others take our requests over if this goes on
                 log.warning("worker %s: could not renew its leases: %s", lease.worker_id, exc)
 
-    async def work(recv: ObjectReceiveStream[Task], send: ObjectSendStream[Outcome | Claim]) -> None:
+    async def work(
+        recv: MemoryObjectReceiveStream[Task], send: MemoryObjectSendStream[Outcome | Claim]
+    ) -> None:
+        # What is already queued is taken, and an outcome handed on, without a trip through
+        # the event loop (anyio's receive() and send() always make one): a request's one
+        # suspension is then its HTTP exchange.
         async with recv, send:
-            async for task in recv:
+            while True:
+                try:
+                    task = recv.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        task = await recv.receive()
+                    except anyio.EndOfStream:
+                        return
+                except anyio.EndOfStream:
+                    return
                 if stopping.is_set() or not worker.may_dispatch():
                     unsent.append(task.custom_id)
                     continue
                 outcome = await worker.process(task)
-                await send.send(outcome)
+                try:
+                    send.send_nowait(outcome)
+                except anyio.WouldBlock:
+                    await send.send(outcome)
 
     async def record() -> None:
         try:

@@ -18,6 +18,7 @@ It never retries: the pipeline has exactly one retry layer (``pipeline.worker``)
 
 from __future__ import annotations
 
+import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ import aiohttp
 import httpx
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from pipeline.h1 import Origin, default_ssl_context
 
 __all__ = ["AiohttpTransport", "Post", "ResponseHeaders"]
 
@@ -110,7 +113,18 @@ class Post:
     from aiohttp's by the same rules) are those of :meth:`AiohttpTransport.handle_async_request`.
     """
 
-    __slots__ = ("_headers", "_proxy", "_timeout", "_transport", "_url", "_yarl")
+    __slots__ = (
+        "_connect_s",
+        "_header_pairs",
+        "_headers",
+        "_origin",
+        "_proxy",
+        "_read_s",
+        "_timeout",
+        "_transport",
+        "_url",
+        "_yarl",
+    )
 
     def __init__(
         self,
@@ -122,17 +136,31 @@ class Post:
         self._transport = transport
         self._url = url
         self._yarl = URL(str(url))
-        self._headers = CIMultiDict(_request_headers(headers))
+        self._header_pairs = _request_headers(headers)
+        self._headers = CIMultiDict(self._header_pairs)
         self._timeout = _client_timeout(timeout)
+        self._connect_s = timeout.get("connect")
+        self._read_s = timeout.get("read")
         self._proxy: str | _Unset | None = _UNSET  # looked up on the first send, as the transport does
+        self._origin: Origin | None = None  # no proxy: sent by pipeline.h1
 
     async def __call__(self, content: bytes) -> tuple[int, Mapping[str, str], bytes]:
         """Send ``content``; the status, the headers and the (decoded) body."""
         transport = self._transport
-        session = transport._get_session()
         proxy = self._proxy
         if isinstance(proxy, _Unset):
             proxy = self._proxy = transport._proxy(self._url)
+            if proxy is None:  # straight to the server: the small HTTP/1.1 client
+                self._origin = transport._origin(self._url, self._header_pairs)
+        origin = self._origin
+        if origin is not None:
+            status, headers, raw, body = await origin.request(
+                content, connect_timeout=self._connect_s, read_timeout=self._read_s
+            )
+            if "content-encoding" in headers:
+                body = await _decode(status, raw, body)
+            return status, headers, body
+        session = transport._get_session()
         try:
             response = await session.request(
                 "POST",
@@ -149,15 +177,16 @@ class Post:
                 response.release()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _httpx_error(exc, None) from exc
-        headers = ResponseHeaders(response.headers)
-        if "content-encoding" in headers:  # compressed: httpx decodes it, as it would on the slow path
-            decoded = httpx.Response(
-                status_code=response.status,
-                headers=_decoded_headers(response),
-                stream=httpx.ByteStream(body),
-            )
-            body = await decoded.aread()
-        return response.status, headers, body
+        aio_headers = ResponseHeaders(response.headers)
+        if "content-encoding" in aio_headers:
+            body = await _decode(response.status, _decoded_headers(response), body)
+        return response.status, aio_headers, body
+
+
+async def _decode(status: int, raw_headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """A compressed body, decoded by httpx as it would on the slow path."""
+    decoded = httpx.Response(status_code=status, headers=raw_headers, stream=httpx.ByteStream(body))
+    return await decoded.aread()
 
 
 def _request_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -185,6 +214,19 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[tuple[str, str], str | None] = {}
+        self._origins: list[Origin] = []
+        self._ssl: ssl.SSLContext | None = None
+
+    def _origin(self, url: httpx.URL, headers: Sequence[tuple[str, str]]) -> Origin:
+        """A pool of pipeline.h1 connections for one prepared Post (closed with the transport)."""
+        origin = Origin(url, headers, keepalive_s=self._keepalive_s, ssl_context=self._ssl_context)
+        self._origins.append(origin)
+        return origin
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = default_ssl_context()
+        return self._ssl
 
     def _proxy(self, url: httpx.URL) -> str | None:
         """The proxy for a host from HTTP(S)_PROXY / NO_PROXY, looked up once per host.
@@ -245,6 +287,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return Post(self, url, headers, timeout)
 
     async def aclose(self) -> None:
+        for origin in self._origins:
+            origin.close()
+        self._origins.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None

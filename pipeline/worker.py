@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
@@ -70,9 +70,8 @@ class Route:
     provider: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Task:
-    """A request handed to a worker."""
+class Task(NamedTuple):
+    """A request handed to a worker (a NamedTuple: one is built per request, see records.py)."""
 
     seq: int
     custom_id: str
@@ -82,13 +81,17 @@ class Task:
     recover: dict[str, str] | None = None  # metadata to look the answer up at the provider first
 
 
-@dataclass
 class _Walk:
-    task: Task
-    attempts: list[Attempt] = field(default_factory=list)
-    max_output: int | None = None  # max_tokens x n, when the request sets it
-    n: int = 1
-    _prompt_tokens: int | None = None
+    """One request's way along its routes: its attempts so far."""
+
+    __slots__ = ("_prompt_tokens", "attempts", "max_output", "n", "task")
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.attempts: list[Attempt] = []
+        self.max_output: int | None = None  # max_tokens x n, when the request sets it
+        self.n = 1
+        self._prompt_tokens: int | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -225,15 +228,7 @@ class Worker:
 
     def _outcome(self, walk: _Walk, state: str, error: str | None = None) -> Outcome:
         t = walk.task
-        return Outcome(
-            seq=t.seq,
-            custom_id=t.custom_id,
-            state=state,
-            attempts=walk.attempts,
-            error=error,
-            record=t.record,
-            prior_attempts=t.prior_attempts,
-        )
+        return Outcome(t.seq, t.custom_id, state, walk.attempts, error, t.record, t.prior_attempts)
 
     async def _on_route(self, route: Route, walk: _Walk) -> tuple[Action | _Resting | None, str | None]:
         """Attempts on one route. (None, None) on success, else (the final action, message).
@@ -243,6 +238,13 @@ class Worker:
         rules (stop, wait, retry) as functions of the failure.
         """
         start = len(walk.attempts)
+        try:
+            await self._attempt(route, walk)
+            return None, None
+        except _EndpointStopped:
+            return Action.STOP_ENDPOINT, route.endpoint.stopped
+        except RequestError as exc:
+            first = exc
 
         def retryable(e: BaseException) -> bool:
             return isinstance(e, RequestError) and classify(e, self.policy).action is Action.RETRY
@@ -264,16 +266,10 @@ class Worker:
                 route.limiter.rate_limited(delay, exc.rate)  # the route waits, retried or not
             return delay
 
-        try:
-            await self._attempt(route, walk)
-            return None, None
-        except _EndpointStopped:
-            return Action.STOP_ENDPOINT, route.endpoint.stopped
-        except RequestError as exc:
-            delay = delay_for(exc)
-            if not retryable(exc) or should_stop(exc):
-                return self._route_failed(route, walk, exc)
-            walk.attempts[-1].wait_s = delay
+        delay = delay_for(first)
+        if not retryable(first) or should_stop(first):
+            return self._route_failed(route, walk, first)
+        walk.attempts[-1].wait_s = delay
         await self._sleep(delay)
 
         def outcome(rs: RetryCallState) -> BaseException | None:
@@ -357,33 +353,32 @@ class Worker:
                 self.budget.settle(reserved, (last.cost_picousd or 0) if last else 0)
 
     async def _send(self, route: Route, walk: _Walk) -> Completion:
-        a = Attempt(
-            attempt_no=walk.next_no,
-            endpoint=route.spec.endpoint,
-            base_url=route.base_url,
-            model=route.spec.model,
-            started_at=utcnow(),
-            # streamed when the route says so, or the row asks for it itself
-            stream=route.spec.stream or walk.task.body.get("stream") is True,
-        )
+        # streamed when the route says so, or the row asks for it itself
+        stream = route.spec.stream or walk.task.body.get("stream") is True
+        a = Attempt(walk.next_no, route.spec.endpoint, route.base_url, route.spec.model, utcnow())
+        a.stream = stream
         walk.attempts.append(a)
-        async with route.limiter.slot(walk.tokens) as permit:
+        t0 = time.perf_counter()
+        permit = await route.limiter.acquire(walk.tokens)
+        try:
             if route.endpoint.stopped is not None:  # it stopped while we waited for a slot
                 walk.attempts.remove(a)
                 raise _EndpointStopped
-            a.started_at = utcnow()
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
+            if t1 - t0 > 0.001:  # it waited for its slot: it starts now
+                a.started_at = utcnow()
             try:
                 completion, status = await route.client.complete(
-                    route.spec.model, walk.task.body, stream=bool(a.stream)
+                    route.spec.model, walk.task.body, stream=stream
                 )
-                a.latency_ms = (time.perf_counter() - t0) * 1000.0
+                a.latency_ms = (time.perf_counter() - t1) * 1000.0
                 a.http_status = status
                 self._keep(route, a, completion)
-                a.note_stream(completion)
+                if stream:
+                    a.note_stream(completion)
                 permit.settle(completion.usage.total if completion.usage else None)
                 if (
-                    completion.first.finish_reason == "content_filter"
+                    completion.choices[0].finish_reason == "content_filter"
                     and self.policy.content_filter != "accept"
                 ):
                     err = InvalidResponse(
@@ -393,12 +388,14 @@ class Worker:
                     raise err
             except RequestError as exc:
                 if a.latency_ms is None:
-                    a.latency_ms = (time.perf_counter() - t0) * 1000.0
+                    a.latency_ms = (time.perf_counter() - t1) * 1000.0
                 self._fail(route, a, exc)
                 a.note_stream(a.completion)  # a broken stream: what arrived is kept, partial
                 if isinstance(exc, RateLimited):
                     permit.settle(0)  # a 429 consumed nothing
                 raise
+        finally:
+            permit.release()
         a.outcome = "success"
         return completion
 
@@ -413,7 +410,7 @@ class Worker:
             return False
         key, value = cap
         bigger = min(self.policy.max_tokens_cap, int(value * self.policy.max_tokens_growth))
-        walk.task = replace(walk.task, body={**walk.task.body, key: bigger})
+        walk.task = walk.task._replace(body={**walk.task.body, key: bigger})
         walk.max_output = bigger * walk.n
         return True
 

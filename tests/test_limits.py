@@ -9,7 +9,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from pipeline.limits import Bucket, CircuitBreaker, RouteLimiter
+from pipeline.limits import WINDOW_S, Bucket, CircuitBreaker, RouteLimiter
 from pipeline.records import RateInfo
 from pipeline.spec import BreakerSpec, LimitsSpec
 
@@ -392,16 +392,20 @@ def test_a_disabled_breaker_never_opens() -> None:
 async def test_a_429_arriving_while_a_request_waits_its_turn_still_delays_it() -> None:
     """The cooldown is checked again once the request's turn comes, not only before it queues."""
     limiter, clock = route(LimitsSpec(rpm=60, concurrency=4))
-    await _take(limiter, 1)  # the next grant is paced a second later
+    await _take(limiter, 2)  # the burst: the next grant is paced a second later
+    assert clock.sleeps == []
 
     async def refuse_meanwhile() -> None:
-        await anyio.lowlevel.checkpoint()
+        while not clock.sleeps:  # until the request waits its turn in the bucket
+            await anyio.lowlevel.checkpoint()
         limiter.cool_down(5.0)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(refuse_meanwhile)
         await _take(limiter, 1)
-    assert clock.now >= 5.0
+    turn = WINDOW_S / 60  # one request's share of the window
+    assert clock.sleeps == pytest.approx([turn, 5.0])  # its turn, then the cooldown begun meanwhile
+    assert clock.now == pytest.approx(turn + 5.0)
 
 
 def test_a_refused_request_gives_its_tokens_back_but_not_its_pace() -> None:
