@@ -663,6 +663,17 @@ class _Dispatch:
     interrupted: bool = False
 
 
+def _page_size(n_workers: int, rpms: list[int]) -> int:
+    """How many requests the feeder claims at a time (alone on the run): four rounds of the workers, so that
+    a page's query and claim (a commit) are paid once per many requests, within 50-1,000;
+    with every route rate-limited, at most ~5 s of sending, so that what is marked in
+    flight stays close to what really is."""
+    size = 4 * n_workers
+    if rpms and all(rpms):
+        size = min(size, sum(rpms) // 12)
+    return max(50, min(1000, size))
+
+
 def _task(plan: _Dispatch, row: tuple[Any, ...]) -> Task:
     seq, cid, body_text, record, n_prior, state = row
     body = orjson.loads(body_text)
@@ -701,8 +712,10 @@ async def _dispatch(
     in flight for the resume.
     """
     n_workers = max(1, min(10_000, sum(r.limiter.limits.concurrency for r in worker.routes)))
-    page_size = max(50, min(1000, n_workers))
-    task_send, task_recv = anyio.create_memory_object_stream[Task](n_workers)
+    page_size = _page_size(n_workers, [r.limiter.limits.rpm for r in worker.routes])
+    # A whole page fits in the stream: the workers find the next request queued while the
+    # feeder fetches and claims the page after it.
+    task_send, task_recv = anyio.create_memory_object_stream[Task](max(n_workers, page_size))
     out_send, out_recv = anyio.create_memory_object_stream[Outcome | Claim](n_workers * 2)
     recorder_done = anyio.Event()
     dispatch_done = anyio.Event()
@@ -724,14 +737,18 @@ async def _dispatch(
     async def next_page(after: int) -> list[tuple[Any, ...]] | None:
         """Claimed requests to send next, or None when the run has none left for us."""
         if plan.lease is None:
-            page = await store.pending_page(plan.run_id, after, page_size, plan.states)
+            # The first page is one round of the workers, so that sending starts at once.
+            size = page_size if after >= 0 else min(page_size, max(50, n_workers))
+            page = await store.pending_page(plan.run_id, after, size, plan.states)
             if not page or not worker.may_dispatch():
                 return None
             await claim([row[1] for row in page])
             return page
         lease = plan.lease
         while not stopping.is_set() and worker.may_dispatch():
-            page = await store.lease(plan.run_id, lease.worker_id, page_size, plan.states, lease.lease_s)
+            # One round of the workers: the run's requests spread evenly over the workers.
+            size = max(50, min(1000, n_workers))
+            page = await store.lease(plan.run_id, lease.worker_id, size, plan.states, lease.lease_s)
             if page:
                 return page
             wait = await store.lease_outlook(plan.run_id, lease.worker_id, plan.states)
