@@ -795,7 +795,7 @@ async def _dispatch(
         # What is already queued is taken, and an outcome handed on, without a trip through
         # the event loop (anyio's receive() and send() always make one): a request's one
         # suspension is then its HTTP exchange.
-        async with recv, send:
+        async def take() -> Task | None:
             while True:
                 try:
                     task = recv.receive_nowait()
@@ -803,17 +803,21 @@ async def _dispatch(
                     try:
                         task = await recv.receive()
                     except anyio.EndOfStream:
-                        return
+                        return None
                 except anyio.EndOfStream:
-                    return
-                if stopping.is_set() or not worker.may_dispatch():
-                    unsent.append(task.custom_id)
-                    continue
-                outcome = await worker.process(task)
-                try:
-                    send.send_nowait(outcome)
-                except anyio.WouldBlock:
-                    await send.send(outcome)
+                    return None
+                if not stopping.is_set() and worker.may_dispatch():
+                    return task
+                unsent.append(task.custom_id)
+
+        async def give(outcome: Outcome) -> None:
+            try:
+                send.send_nowait(outcome)
+            except anyio.WouldBlock:
+                await send.send(outcome)
+
+        async with recv, send:
+            await worker.serve(take, give)
 
     async def record() -> None:
         try:

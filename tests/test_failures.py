@@ -18,6 +18,7 @@ Rows and actions:
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -535,3 +536,35 @@ def test_every_route_spent_leaves_the_request_failed_after_each_routes_retries(
             (FALLBACK, "retry", 500),
             (FALLBACK, "retries_spent", 500),
         ]
+
+
+def test_a_request_past_its_deadline_fails_and_the_same_worker_answers_the_next(
+    workdir: Path, mock_server: Callable[..., MockServer], cli: Callable[..., Any]
+) -> None:
+    """deadline_s = 1 and the first answer never comes (read timeout 30 s): that request fails
+    at its deadline, its attempt marked so, and the one worker (concurrency 1) goes on to answer
+    the other two: a deadline ends a request, not the worker that carried it. (No fallback
+    route: a second route's concurrency would add a second worker.)"""
+    server = mock_server(model_faults={PRIMARY: ModelFaults("hang", match="Question number 0?")})
+    write_jsonl(workdir / "in.jsonl", plain_rows(N_REQUESTS))
+    spec = write_spec(
+        workdir,
+        {"default": server.base_url},
+        fallbacks="[]",
+        retry={"deadline_s": 1, "read_timeout_s": 30},
+        extra="[limits]\nconcurrency = 1\n",
+    )
+    started = time.monotonic()
+    r = run(cli, spec)
+    elapsed = time.monotonic() - started
+    assert r.exit_code == 1, r.stderr
+    assert requests() == {
+        "q-0": ("failed", 1, "default", PRIMARY),
+        "q-1": ("succeeded", 1, "default", PRIMARY),
+        "q-2": ("succeeded", 1, "default", PRIMARY),
+    }
+    (timed_out,) = attempts_by_request()["q-0"]
+    assert (timed_out["outcome"], timed_out["error_class"]) == ("deadline", "deadline")
+    (error,) = query(default_db(), "SELECT error FROM request WHERE custom_id = 'q-0'")[0]
+    assert error == "deadline of 1s exceeded"
+    assert 1.0 <= elapsed < 10.0
