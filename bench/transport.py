@@ -2,15 +2,20 @@
 
 The pipeline's code speaks httpx, but sends through :class:`pipeline.transport.AiohttpTransport`
 (an httpx transport over one aiohttp ``ClientSession``) because httpx's own connection pool
-stops scaling at the concurrency a batch job runs at. This benchmark shows the ratio, in the
-same run and against the same server, for three clients:
+stops scaling at the concurrency a batch job runs at; and its hot path (a non-streamed POST
+with no proxy) goes through :mod:`pipeline.h1`, a keep-alive HTTP/1.1 client over asyncio
+protocols parsed by httptools, because aiohttp itself costs more CPU per request than the
+rest of the pipeline. This benchmark shows the ratios, in the same run and against the same
+server, for four clients:
 
 * ``aiohttp``: a bare aiohttp loop (one ``ClientSession``, ``TCPConnector(limit=0)``), the
   baseline: what the machine can do at all;
 * ``httpx default``: ``httpx.AsyncClient(limits=httpx.Limits(max_connections=N))`` with its
   default transport and timeouts, which is what a user would configure;
 * ``httpx+aiohttp``: ``httpx.AsyncClient(transport=AiohttpTransport(max_connections=N))``,
-  which is what the pipeline uses.
+  what the pipeline uses for streaming and behind a proxy;
+* ``pipeline h1``: ``AiohttpTransport().post(url, headers, timeouts)``, the prepared ``Post``
+  the pipeline's client sends every other request with (:mod:`pipeline.h1` underneath).
 
 Each client runs N worker coroutines that share one counter of requests to send; each request
 is a small realistic ``POST /v1/chat/completions``, its answer read and JSON-parsed. Measured:
@@ -166,11 +171,30 @@ async def httpx_over_aiohttp(url: str, concurrency: int) -> AsyncIterator[Send]:
         yield _httpx_send(client, url)
 
 
+@contextlib.asynccontextmanager
+async def pipeline_post(url: str, concurrency: int) -> AsyncIterator[Send]:
+    """The pipeline's own hot path: the transport's prepared Post, sent by pipeline.h1."""
+    transport = AiohttpTransport(max_connections=concurrency)
+    post = transport.post(httpx.URL(url), list(HEADERS.items()), {"connect": TIMEOUT_S, "read": TIMEOUT_S})
+
+    async def send() -> None:
+        status, _, raw = await post(BODY)
+        if status != 200:
+            raise BadStatus(f"HTTP {status}")
+        json.loads(raw)
+
+    try:
+        yield send
+    finally:
+        await transport.aclose()
+
+
 BASELINE: Final = "aiohttp"
 CLIENTS: Final[tuple[tuple[str, ClientFactory], ...]] = (
     (BASELINE, bare_aiohttp),
     ("httpx default", httpx_default),
     ("httpx+aiohttp", httpx_over_aiohttp),
+    ("pipeline h1", pipeline_post),
 )
 
 
