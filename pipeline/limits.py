@@ -86,7 +86,7 @@ class Bucket:
         self._used = 0.0
         self._clock = clock
         self._sleep = sleep
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # no trip through the loop when free
 
     def set_limit(self, limit: float) -> None:
         """Change the limit, keeping the window's history (what was already granted counts)."""
