@@ -9,7 +9,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from pipeline.limits import WINDOW_S, Bucket, CircuitBreaker, RouteLimiter
+from pipeline.limits import LEARNED_MARGIN, SLOT_S, WINDOW_S, Bucket, CircuitBreaker, RouteLimiter
 from pipeline.records import RateInfo
 from pipeline.spec import BreakerSpec, LimitsSpec
 
@@ -415,3 +415,20 @@ def test_a_refused_request_gives_its_tokens_back_but_not_its_pace() -> None:
     tat = b._tat
     b.settle(grant, 0, keep_pace=True)
     assert b.used == 0 and b._tat == tat
+
+
+@pytest.mark.anyio
+async def test_the_grants_history_grows_with_time_not_with_the_request_rate() -> None:
+    """10,000 grants over 10 s are remembered by slot: ~100 records, every grant counted,
+    and a limit learned from a 429 then is what got through; after the window, nothing."""
+    limiter, clock = route(LimitsSpec(concurrency=4))
+    for _ in range(10_000):
+        await _take(limiter, 1)
+        clock.now += 0.001
+    assert len(limiter._recent) <= 10 / SLOT_S + 1
+    assert limiter._granted_last_minute() == 10_000
+    limiter.rate_limited(1.0, None)
+    assert limiter.rpm is not None and limiter.rpm.limit == pytest.approx(10_000 * LEARNED_MARGIN)
+    assert limiter.rpm.used == pytest.approx(10_000)  # the new bucket counts what was sent
+    clock.now += WINDOW_S + 1
+    assert limiter._granted_last_minute() == 0 and not limiter._recent
