@@ -8,9 +8,12 @@ with a message a user can act on.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +41,10 @@ from sqlalchemy.sql.elements import TextClause
 from pipeline.errors import StorageError
 from pipeline.pricing import picousd
 from pipeline.records import Attempt, Outcome
-from pipeline.store.prepared import Prepared
+from pipeline.store.prepared import Prepared, Rows
 from pipeline.store.schema import attempt, completion, request, run, worker
 
-__all__ = ["DuplicateRequestId", "Store", "migrations_dir", "utcnow"]
+__all__ = ["DuplicateRequestId", "OutcomeRows", "Recorded", "Store", "migrations_dir", "utcnow"]
 
 
 class DuplicateRequestId(StorageError):
@@ -84,6 +87,9 @@ class Store:
         self.engine = engine
         self.url = url
         self._statements: dict[str, Prepared] | None = None
+        self._sqlite: _SqliteStatements | None = None
+        if engine.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 38):  # UPDATE FROM, JSON
+            self._sqlite = _SqliteStatements(engine.dialect)
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -121,9 +127,7 @@ class Store:
             else:
                 async with self.engine.connect() as conn:
                     yield conn
-        except SQLAlchemyError as exc:
-            raise StorageError(_explain(exc, self.url)) from exc
-        except OSError as exc:
+        except (SQLAlchemyError, sqlite3.Error, OSError) as exc:  # sqlite3: the recorder's own statements
             raise StorageError(_explain(exc, self.url)) from exc
 
     async def migrate(self) -> str:
@@ -230,19 +234,41 @@ class Store:
 
     async def claim(self, run_id: str, custom_ids: Sequence[str], *, release: bool = False) -> None:
         """Write-ahead: mark requests in flight before they are sent (or give them back)."""
-        if not custom_ids:
+        await self.claim_pages(run_id, [(custom_ids, release)])
+
+    async def claim_pages(self, run_id: str, pages: Sequence[tuple[Sequence[str], bool]]) -> None:
+        """Several claims, as :meth:`claim` makes them, in order and in one transaction:
+        (custom_ids, release) each."""
+        pages = [(ids, release) for ids, release in pages if ids]
+        if not pages:
             return
-        if release:
-            values: dict[str, Any] = {"state": "pending", "claimed_at": None}
-            current = "in_flight"
-        else:
-            values, current = {"state": "in_flight", "claimed_at": utcnow()}, None
+        now = utcnow()
         async with self._conn() as conn:
-            for chunk in chunked(custom_ids, 500):
-                q = update(request).where(request.c.run_id == run_id, request.c.custom_id.in_(chunk))
-                if current is not None:
-                    q = q.where(request.c.state == current)
-                await conn.execute(q.values(**values))
+            fast = self._sqlite
+            if fast is not None:
+                driver = await _driver(conn)
+                # consecutive claims of one kind go in one statement (ids as one JSON array)
+                merged: list[tuple[list[str], bool]] = []
+                for ids, release in pages:
+                    if merged and merged[-1][1] == release:
+                        merged[-1][0].extend(ids)
+                    else:
+                        merged.append((list(ids), release))
+                for ids, release in merged:
+                    sql, params = fast.claim(run_id, ids, release, now)
+                    await driver.execute_fetchall(sql, params)
+                return
+            for ids, release in pages:
+                if release:
+                    values: dict[str, Any] = {"state": "pending", "claimed_at": None}
+                    current: str | None = "in_flight"
+                else:
+                    values, current = {"state": "in_flight", "claimed_at": now}, None
+                for chunk in chunked(ids, 500):
+                    q = update(request).where(request.c.run_id == run_id, request.c.custom_id.in_(chunk))
+                    if current is not None:
+                        q = q.where(request.c.state == current)
+                    await conn.execute(q.values(**values))
 
     async def record_outcomes(
         self, run_id: str, outcomes: Sequence[Outcome], *, owner: str | None = None
@@ -252,26 +278,39 @@ class Store:
         ``owner``: the worker recording, when several share the run (see :func:`_reconcile`);
         returns the requests another worker had already answered (their state is kept).
         """
+        return (await self.write_outcomes(self.outcome_rows(run_id, outcomes, owner=owner))).kept
+
+    def outcome_rows(
+        self, run_id: str, outcomes: Sequence[Outcome], *, owner: str | None = None
+    ) -> OutcomeRows:
+        """The rows of a batch, built without touching the database (so the recorder can build
+        the next batch while the database writes the last one)."""
         attempt_rows: list[tuple[Any, ...]] = []
         completion_rows: list[tuple[Any, ...]] = []
         request_rows: list[tuple[Any, ...]] = []
         now = utcnow()  # the batch's finishing time
+        add_attempt, add_completion, add_request = (
+            attempt_rows.append,
+            completion_rows.append,
+            request_rows.append,
+        )
         for o in outcomes:
             cost = reported = None
+            cid = o.custom_id
             for a in o.attempts:
-                attempt_rows.append(_attempt_row(run_id, o.custom_id, a))
+                add_attempt(_attempt_row(run_id, cid, a))
                 if a.completion is not None:
-                    completion_rows.append(_completion_row(run_id, o.custom_id, a))
+                    add_completion(_completion_row(run_id, cid, a))
                 if a.cost_picousd is not None:
                     cost = (cost or 0) + a.cost_picousd
-                rc = a.usage.reported_cost if a.usage is not None else None
-                if rc is not None:
-                    reported = (reported or 0) + picousd(rc)
-            final = o.final
-            request_rows.append(
+                u = a.usage
+                if u is not None and u.reported_cost is not None:
+                    reported = (reported or 0) + picousd(u.reported_cost)
+            final = o.attempts[-1] if o.attempts else None
+            add_request(
                 (
                     run_id,
-                    o.custom_id,
+                    cid,
                     o.state,
                     len(o.attempts),
                     final.attempt_no if final else None,
@@ -281,21 +320,49 @@ class Store:
                     now if o.state != "pending" else None,
                 )
             )
-        prepared = self._prepared()
+        return OutcomeRows(run_id, outcomes, owner, attempt_rows, completion_rows, request_rows)
+
+    async def write_outcomes(self, rows: OutcomeRows) -> Recorded:
+        """Commit a batch built by :meth:`outcome_rows`, in one transaction."""
+        run_id, outcomes, owner = rows.run_id, rows.outcomes, rows.owner
         async with self._conn() as conn:
             kept: set[str] = set()
+            shifted: set[str] = set()
             if owner is not None:
-                kept = await _reconcile(conn, run_id, attempt_rows, completion_rows, request_rows, outcomes)
-            for name, rows in (
-                ("attempt", attempt_rows),
-                ("completion", completion_rows),
-                ("request", request_rows),
-            ):
-                if rows:
-                    await conn.exec_driver_sql(prepared[name].sql, prepared[name].params(rows))
+                kept, shifted = await _reconcile(
+                    conn, run_id, rows.attempts, rows.completions, rows.requests, outcomes
+                )
+            fast = self._sqlite
+            prepared = self._prepared()
+            if fast is not None:
+                driver = await _driver(conn)
+                statements = fast.attempt.chunks(rows.attempts) + fast.completion.chunks(rows.completions)
+                # UPDATE ... FROM takes one source row per request: a request twice in a batch
+                # (never seen, but possible in principle) goes row by row
+                once = len({r[1] for r in rows.requests}) == len(rows.requests)
+                if once:
+                    statements += fast.finish.chunks(rows.requests)
+                for sql, params in statements:
+                    await driver.execute_fetchall(sql, params)
+                if not once:
+                    await conn.exec_driver_sql(
+                        prepared["request"].sql, prepared["request"].params(rows.requests)
+                    )
+            else:
+                for name, batch in (
+                    ("attempt", rows.attempts),
+                    ("completion", rows.completions),
+                    ("request", rows.requests),
+                ):
+                    if batch:
+                        await conn.exec_driver_sql(prepared[name].sql, prepared[name].params(batch))
+            # Requests answered in part by earlier sessions (or other workers): their totals
+            # are the database's sums, read back for the derived output.
+            again = [o.custom_id for o in outcomes if o.prior_attempts or o.custom_id in shifted]
+            totals = await _request_totals(conn, run_id, again) if again else {}
             if owner is not None:
                 await _release_recorded(conn, run_id, owner, outcomes)
-        return kept
+        return Recorded(kept, totals)
 
     def _prepared(self) -> dict[str, Prepared]:
         """record_outcomes' three statements, compiled once for this database."""
@@ -646,13 +713,14 @@ async def _reconcile(
     completion_rows: list[tuple[Any, ...]],
     request_rows: list[tuple[Any, ...]],
     outcomes: Sequence[Outcome],
-) -> set[str]:
+) -> tuple[set[str], set[str]]:
     """Workers share the run: make a batch fit what other workers recorded meanwhile.
 
     A worker whose lease ran out (it stalled) may finish a request that another worker also
     sent. Both attempts were paid, so both are kept, numbered after what is already there;
     a success already recorded stays the request's answer. Rows are locked in key order.
     Rows are the tuples of ``_ATTEMPT_KEYS``, ``_COMPLETION_KEYS`` and ``_FINISH_KEYS``.
+    Returns the requests another worker answered first, and those whose attempts were renumbered.
     """
     ids = sorted(o.custom_id for o in outcomes)
     q = text(
@@ -678,7 +746,29 @@ async def _reconcile(
             for i, r in enumerate(rows):
                 if r[1] in shift:
                     rows[i] = (*r[:2], r[2] + shift[r[1]], *r[3:])
-    return kept
+    return kept, set(shift)
+
+
+async def _request_totals(
+    conn: AsyncConnection, run_id: str, custom_ids: Sequence[str]
+) -> dict[str, tuple[int, int | None, int | None]]:
+    """(attempts, cost_picousd, reported_cost_picousd) of requests, as the database sums them."""
+    out: dict[str, tuple[int, int | None, int | None]] = {}
+    for chunk in chunked(custom_ids, 500):
+        q = select(
+            request.c.custom_id, request.c.attempts, request.c.cost_picousd, request.c.reported_cost_picousd
+        )
+        q = q.where(request.c.run_id == run_id, request.c.custom_id.in_(chunk))
+        for cid, n, cost, reported in (await conn.execute(q)).all():
+            out[cid] = (n, cost, reported)
+    return out
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    """The driver's own connection under ``conn`` (aiosqlite's), inside the same transaction."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None
+    return driver
 
 
 async def _ensure_rate_slot(conn: AsyncConnection, route_key: str) -> None:
@@ -755,6 +845,105 @@ _FINISH_KEYS = (
 _STATE, _FINAL, _ERROR = (_FINISH_KEYS.index(k) for k in ("b_state", "b_final", "b_error"))
 
 
+@dataclass(slots=True)
+class OutcomeRows:
+    """A batch of outcomes as the rows it writes (tuples of ``_ATTEMPT_KEYS``,
+    ``_COMPLETION_KEYS``, ``_FINISH_KEYS``), built before its transaction."""
+
+    run_id: str
+    outcomes: Sequence[Outcome]
+    owner: str | None
+    attempts: list[tuple[Any, ...]]
+    completions: list[tuple[Any, ...]]
+    requests: list[tuple[Any, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What committing a batch found: requests another worker had answered first (their state
+    is kept), and the database's (attempts, cost_picousd, reported_cost_picousd) of requests
+    that earlier sessions or other workers had attempted too."""
+
+    kept: set[str]
+    totals: dict[str, tuple[int, int | None, int | None]]
+
+
+class _SqliteStatements:
+    """The recorder's statements on SQLite, many rows per statement (see :class:`Rows`)."""
+
+    def __init__(self, dialect: Any) -> None:
+        probe = sqlite3.connect(":memory:")
+        try:
+            limit = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        finally:
+            probe.close()
+        process = DateTime().dialect_impl(dialect).bind_processor(dialect)
+        assert process is not None  # SQLite keeps datetimes as text
+
+        def stamp(value: Any) -> Any:
+            """SQLAlchemy's SQLite text of a datetime ("YYYY-MM-DD HH:MM:SS.ffffff"), at C speed
+            for the naive datetimes this project stores."""
+            if value.__class__ is datetime and value.tzinfo is None:
+                return value.isoformat(" ", "microseconds")
+            return None if value is None else process(value)
+
+        def rows_for(width: int) -> int:
+            n = 1
+            while n * 2 <= min(512, limit // width):
+                n *= 2
+            return n
+
+        self.stamp: Callable[[Any], Any] = stamp
+        self.attempt = Rows(
+            f"INSERT INTO attempt ({', '.join(_ATTEMPT_KEYS)}) VALUES {{values}}",
+            len(_ATTEMPT_KEYS),
+            max_rows=rows_for(len(_ATTEMPT_KEYS)),
+            stamps=[_ATTEMPT_KEYS.index("started_at")],
+            stamp=stamp,
+        )
+        self.completion = Rows(
+            f"INSERT INTO completion ({', '.join(_COMPLETION_KEYS)}) VALUES {{values}}",
+            len(_COMPLETION_KEYS),
+            max_rows=rows_for(len(_COMPLETION_KEYS)),
+        )
+        # _FINISH, for many rows: v.column1 .. v.column9 are the values of _FINISH_KEYS
+        v = {k: f"v.column{i + 1}" for i, k in enumerate(_FINISH_KEYS)}
+        self.finish = Rows(
+            "UPDATE request SET "
+            f"state = {v['b_state']}, attempts = request.attempts + {v['b_n']}, "
+            f"final_attempt_no = coalesce({v['b_final']}, request.final_attempt_no), "
+            f"error = {v['b_error']}, "
+            f"cost_picousd = CASE WHEN {v['b_cost']} IS NULL THEN request.cost_picousd "
+            f"ELSE coalesce(request.cost_picousd, 0) + {v['b_cost']} END, "
+            f"reported_cost_picousd = CASE WHEN {v['b_reported']} IS NULL THEN request.reported_cost_picousd "
+            f"ELSE coalesce(request.reported_cost_picousd, 0) + {v['b_reported']} END, "
+            f"finished_at = {v['b_finished']} "
+            "FROM (VALUES {values}) AS v "
+            f"WHERE request.run_id = {v['b_run_id']} AND request.custom_id = {v['b_custom_id']}",
+            len(_FINISH_KEYS),
+            max_rows=rows_for(len(_FINISH_KEYS)),
+            stamps=[_FINISH_KEYS.index("b_finished")],
+            stamp=stamp,
+        )
+
+    def claim(
+        self, run_id: str, custom_ids: Sequence[str], release: bool, now: datetime
+    ) -> tuple[str, tuple[Any, ...]]:
+        """Store.claim's statement for any number of requests: their ids as one JSON array."""
+        ids = orjson.dumps(list(custom_ids)).decode()
+        if release:
+            return (
+                "UPDATE request SET state = 'pending', claimed_at = NULL WHERE run_id = ? "
+                "AND state = 'in_flight' AND custom_id IN (SELECT value FROM json_each(?))",
+                (run_id, ids),
+            )
+        return (
+            "UPDATE request SET state = 'in_flight', claimed_at = ? WHERE run_id = ? "
+            "AND custom_id IN (SELECT value FROM json_each(?))",
+            (self.stamp(now), run_id, ids),
+        )
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -804,6 +993,23 @@ _ATTEMPT_KEYS = (
     "partial",
 )
 _NO_USAGE = (None,) * 12  # prompt_tokens .. usage_json
+# The attempt's fields in the order of _ATTEMPT_KEYS, a run of them per getter (one C call each).
+_ATTEMPT_HEAD = attrgetter(*_ATTEMPT_KEYS[2:15])  # attempt_no .. provider_request_id
+_ATTEMPT_COST = attrgetter("cost_picousd", "cost_source", "cost_note")
+_ATTEMPT_STREAM = attrgetter(*_ATTEMPT_KEYS[32:])  # stream .. partial
+_USAGE_COUNTS = attrgetter(
+    "prompt",
+    "completion",
+    "total",
+    "cached",
+    "cache_write",
+    "reasoning",
+    "audio_prompt",
+    "audio_completion",
+    "accepted_prediction",
+    "rejected_prediction",
+    "estimated",
+)
 
 
 def _attempt_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
@@ -815,48 +1021,8 @@ def _attempt_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
         if u.reported_cost is not None or u.upstream_cost is not None:
             rc = None if u.reported_cost is None else picousd(u.reported_cost)
             up = None if u.upstream_cost is None else picousd(u.upstream_cost)
-        usage = (
-            u.prompt,
-            u.completion,
-            u.total,
-            u.cached,
-            u.cache_write,
-            u.reasoning,
-            u.audio_prompt,
-            u.audio_completion,
-            u.accepted_prediction,
-            u.rejected_prediction,
-            u.estimated,
-            None if u.raw is None else orjson.dumps(u.raw).decode(),
-        )
-    return (
-        run_id,
-        custom_id,
-        a.attempt_no,
-        a.endpoint,
-        a.base_url,
-        a.model,
-        a.started_at,
-        a.latency_ms,
-        a.http_status,
-        a.outcome,
-        a.error_class,
-        a.error_message,
-        a.retry_after_s,
-        a.wait_s,
-        a.provider_request_id,
-        *usage,
-        a.cost_picousd,
-        a.cost_source,
-        a.cost_note,
-        rc,
-        up,
-        a.stream,
-        a.ttft_ms,
-        a.ttlt_ms,
-        a.output_tokens_per_s,
-        a.partial,
-    )
+        usage = (*_USAGE_COUNTS(u), None if u.raw is None else orjson.dumps(u.raw).decode())
+    return (run_id, custom_id, *_ATTEMPT_HEAD(a), *usage, *_ATTEMPT_COST(a), rc, up, *_ATTEMPT_STREAM(a))
 
 
 _COMPLETION_KEYS = (
@@ -879,24 +1045,24 @@ _COMPLETION_KEYS = (
 )
 
 
+_COMPLETION_HEAD = attrgetter("response_id", "model", "provider", "system_fingerprint")
+_CHOICE = attrgetter("finish_reason", "content", "reasoning", "refusal")
+
+
 def _completion_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
     c = a.completion
     assert c is not None
-    first = c.first
+    choices = c.choices
+    first = choices[0]
+    calls = first.tool_calls
     return (
         run_id,
         custom_id,
         a.attempt_no,
-        c.response_id,
-        c.model,
-        c.provider,
-        c.system_fingerprint,
-        first.finish_reason,
-        first.content,
-        first.reasoning,
-        first.refusal,
-        None if first.tool_calls is None else orjson.dumps(first.tool_calls).decode(),
-        None if len(c.choices) < 2 else orjson.dumps([ch.to_dict() for ch in c.choices]).decode(),
+        *_COMPLETION_HEAD(c),
+        *_CHOICE(first),
+        None if calls is None else orjson.dumps(calls).decode(),
+        None if len(choices) < 2 else orjson.dumps([ch.to_dict() for ch in choices]).decode(),
         c.raw.decode("utf-8", "replace"),
         a.parsed,
         a.validation_error,
