@@ -240,8 +240,8 @@ async def measure(variant: Variant, n: int, folder: Path) -> Result:
 
         outcomes = [outcome(i) for i in range(n)]
         commits, claims = Timed(), Timed()
-        store.record_outcomes = timed(store.record_outcomes, commits)  # type: ignore[method-assign]
-        store.claim = timed(store.claim, claims)  # type: ignore[method-assign]
+        store.write_outcomes = timed(store.write_outcomes, commits)  # type: ignore[method-assign]
+        store.claim_pages = timed(store.claim_pages, claims)  # type: ignore[method-assign]
         parts = PartWriter(folder / "parts") if variant.parts else None
         recorder = Recorder(store, RUN_ID, parts=parts, counters=Counters(total=n))
         send, receive = anyio.create_memory_object_stream[Outcome | Claim](STREAM_BUFFER)

@@ -222,6 +222,8 @@ def _tables(db: str) -> dict[str, list[tuple[Any, ...]]]:
             cols += ", " + ", ".join(f"typeof({c})" for c in names)
         if table == "request":  # the finishing time is the batch's: only whether there is one
             cols += ", finished_at IS NULL"
+            if not is_url(db):  # and its text
+                cols += ", typeof(finished_at), length(finished_at)"
         out[table] = query(db, f"SELECT {cols} FROM {table} ORDER BY {key}")
     return out
 
@@ -338,7 +340,7 @@ def test_sqlite_datetime_text_is_sqlalchemy_s(workdir: Path) -> None:
     dialect = sqlite_dialect.dialect()
     process = DateTime().dialect_impl(dialect).bind_processor(dialect)
     assert process is not None
-    stamp = _SqliteStatements(dialect).stamp
+    statements = _SqliteStatements(dialect)
     values = [
         datetime(2026, 11, 24, 12, 30, 15, 123456),
         datetime(2026, 11, 24, 12, 30, 15),  # no microseconds: still six digits
@@ -347,7 +349,10 @@ def test_sqlite_datetime_text_is_sqlalchemy_s(workdir: Path) -> None:
         datetime(2026, 1, 1, 1, tzinfo=timezone(timedelta(hours=2))),
         None,
     ]
-    assert [stamp(v) for v in values] == [process(v) for v in values]
+    assert [statements.stamp(v) for v in values] == [process(v) for v in values]
+    naive = [datetime(2026, 11, 24) + timedelta(microseconds=7 * i) for i in range(100)]
+    for column in (naive, [naive[0]] * 50 + [None] * 50, naive + values, values * 20):  # C loops, or not
+        assert statements.stamp_all(column) == [process(v) for v in column]
 
 
 def test_rows_chunks_cover_the_rows_in_order_with_null_columns_as_literals() -> None:

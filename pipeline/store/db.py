@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from operator import attrgetter
+from operator import attrgetter, methodcaller
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import orjson
 from sqlalchemy import (
     BigInteger,
@@ -45,6 +46,10 @@ from pipeline.store.prepared import Prepared, Rows
 from pipeline.store.schema import attempt, completion, request, run, worker
 
 __all__ = ["DuplicateRequestId", "OutcomeRows", "Recorded", "Store", "migrations_dir", "utcnow"]
+
+
+_T = TypeVar("_T")
+_ISO = methodcaller("isoformat", " ", "microseconds")
 
 
 class DuplicateRequestId(StorageError):
@@ -83,13 +88,20 @@ def _explain(exc: BaseException, url: str) -> str:
 class Store:
     """One database. Writes come from one task at a time (the recorder, or setup code)."""
 
-    def __init__(self, engine: AsyncEngine, url: str) -> None:
+    def __init__(
+        self, engine: AsyncEngine, url: str, *, connect_args: Mapping[str, Any] | None = None
+    ) -> None:
         self.engine = engine
         self.url = url
         self._statements: dict[str, Prepared] | None = None
-        self._sqlite: _SqliteStatements | None = None
+        # SQLite file: the recorder's statements go through a connection of their own.
+        self._writer: _SqliteWriter | None = None
         if engine.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 38):  # UPDATE FROM, JSON
-            self._sqlite = _SqliteStatements(engine.dialect)
+            args, kwargs = engine.dialect.create_connect_args(engine.url)
+            if args and args[0] != ":memory:" and "mode=memory" not in str(args[0]):
+                self._writer = _SqliteWriter(
+                    _SqliteStatements(engine.dialect), args, {**kwargs, **(connect_args or {})}
+                )
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -110,13 +122,23 @@ class Store:
             raise StorageError(f"cannot use database URL: {exc}") from None
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        store = cls(engine, url)
+        store = cls(engine, url, connect_args=kwargs.get("connect_args"))
         if migrate:
             await store.migrate()
         return store
 
     async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
         await self.engine.dispose()
+
+    async def _write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """One transaction on the SQLite writer's connection (errors as StorageError)."""
+        assert self._writer is not None
+        try:
+            return await self._writer.run(work)
+        except sqlite3.Error as exc:
+            raise StorageError(_explain(exc, self.url)) from exc
 
     @asynccontextmanager
     async def _conn(self, *, write: bool = True) -> AsyncIterator[AsyncConnection]:
@@ -127,7 +149,7 @@ class Store:
             else:
                 async with self.engine.connect() as conn:
                     yield conn
-        except (SQLAlchemyError, sqlite3.Error, OSError) as exc:  # sqlite3: the recorder's own statements
+        except (SQLAlchemyError, OSError) as exc:
             raise StorageError(_explain(exc, self.url)) from exc
 
     async def migrate(self) -> str:
@@ -242,33 +264,17 @@ class Store:
         pages = [(ids, release) for ids, release in pages if ids]
         if not pages:
             return
-        now = utcnow()
+        if self._writer is not None:
+            statements = self._writer.statements.claims(run_id, pages, utcnow())
+
+            def claim(conn: sqlite3.Connection) -> None:
+                for sql, params in statements:
+                    conn.execute(sql, params)
+
+            await self._write(claim)
+            return
         async with self._conn() as conn:
-            fast = self._sqlite
-            if fast is not None:
-                driver = await _driver(conn)
-                # consecutive claims of one kind go in one statement (ids as one JSON array)
-                merged: list[tuple[list[str], bool]] = []
-                for ids, release in pages:
-                    if merged and merged[-1][1] == release:
-                        merged[-1][0].extend(ids)
-                    else:
-                        merged.append((list(ids), release))
-                for ids, release in merged:
-                    sql, params = fast.claim(run_id, ids, release, now)
-                    await driver.execute_fetchall(sql, params)
-                return
-            for ids, release in pages:
-                if release:
-                    values: dict[str, Any] = {"state": "pending", "claimed_at": None}
-                    current: str | None = "in_flight"
-                else:
-                    values, current = {"state": "in_flight", "claimed_at": now}, None
-                for chunk in chunked(ids, 500):
-                    q = update(request).where(request.c.run_id == run_id, request.c.custom_id.in_(chunk))
-                    if current is not None:
-                        q = q.where(request.c.state == current)
-                    await conn.execute(q.values(**values))
+            await _claim(conn, run_id, pages)
 
     async def record_outcomes(
         self, run_id: str, outcomes: Sequence[Outcome], *, owner: str | None = None
@@ -320,45 +326,57 @@ class Store:
                     now if o.state != "pending" else None,
                 )
             )
-        return OutcomeRows(run_id, outcomes, owner, attempt_rows, completion_rows, request_rows)
+        rows = OutcomeRows(run_id, outcomes, owner, attempt_rows, completion_rows, request_rows)
+        if self._writer is not None and owner is None:
+            rows.statements = self._writer.statements.outcomes(rows)
+        return rows
 
-    async def write_outcomes(self, rows: OutcomeRows) -> Recorded:
-        """Commit a batch built by :meth:`outcome_rows`, in one transaction."""
+    async def write_outcomes(
+        self, rows: OutcomeRows, *, claims: Sequence[tuple[Sequence[str], bool]] = ()
+    ) -> Recorded:
+        """Commit a batch built by :meth:`outcome_rows`, in one transaction; ``claims`` (as
+        :meth:`claim_pages` takes them) go in the same transaction, first."""
         run_id, outcomes, owner = rows.run_id, rows.outcomes, rows.owner
+        claims = [(ids, release) for ids, release in claims if ids]
+        # Requests answered in part by earlier sessions (or other workers): their totals
+        # are the database's sums, read back for the derived output.
+        again = [o.custom_id for o in outcomes if o.prior_attempts]
+        statements = rows.statements
+        if statements is not None:
+            assert self._writer is not None
+            totals_sql = self._writer.statements.totals
+            finish = None if rows.finish_once else self._prepared()["request"]
+            if claims:
+                statements = self._writer.statements.claims(run_id, claims, utcnow()) + statements
+
+            def record(conn: sqlite3.Connection) -> dict[str, tuple[int, int | None, int | None]]:
+                for sql, params in statements:
+                    conn.execute(sql, params)
+                if finish is not None:  # a request twice in the batch: row by row
+                    conn.executemany(finish.sql, finish.params(rows.requests))
+                if not again:
+                    return {}
+                found = conn.execute(totals_sql, (run_id, orjson.dumps(again).decode())).fetchall()
+                return {cid: (n, cost, reported) for cid, n, cost, reported in found}
+
+            return Recorded(set(), await self._write(record))
         async with self._conn() as conn:
+            if claims:
+                await _claim(conn, run_id, claims)
             kept: set[str] = set()
-            shifted: set[str] = set()
             if owner is not None:
                 kept, shifted = await _reconcile(
                     conn, run_id, rows.attempts, rows.completions, rows.requests, outcomes
                 )
-            fast = self._sqlite
+                again += [cid for cid in shifted if cid not in again]
             prepared = self._prepared()
-            if fast is not None:
-                driver = await _driver(conn)
-                statements = fast.attempt.chunks(rows.attempts) + fast.completion.chunks(rows.completions)
-                # UPDATE ... FROM takes one source row per request: a request twice in a batch
-                # (never seen, but possible in principle) goes row by row
-                once = len({r[1] for r in rows.requests}) == len(rows.requests)
-                if once:
-                    statements += fast.finish.chunks(rows.requests)
-                for sql, params in statements:
-                    await driver.execute_fetchall(sql, params)
-                if not once:
-                    await conn.exec_driver_sql(
-                        prepared["request"].sql, prepared["request"].params(rows.requests)
-                    )
-            else:
-                for name, batch in (
-                    ("attempt", rows.attempts),
-                    ("completion", rows.completions),
-                    ("request", rows.requests),
-                ):
-                    if batch:
-                        await conn.exec_driver_sql(prepared[name].sql, prepared[name].params(batch))
-            # Requests answered in part by earlier sessions (or other workers): their totals
-            # are the database's sums, read back for the derived output.
-            again = [o.custom_id for o in outcomes if o.prior_attempts or o.custom_id in shifted]
+            for name, batch in (
+                ("attempt", rows.attempts),
+                ("completion", rows.completions),
+                ("request", rows.requests),
+            ):
+                if batch:
+                    await conn.exec_driver_sql(prepared[name].sql, prepared[name].params(batch))
             totals = await _request_totals(conn, run_id, again) if again else {}
             if owner is not None:
                 await _release_recorded(conn, run_id, owner, outcomes)
@@ -410,37 +428,29 @@ class Store:
         self, run_id: str, *, states: Sequence[str] | None = None, page: int = 2000
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """Pages of one row per request (final attempt, completion, usage), in input order."""
+        async for keys, rows in self._result_rows(_RESULT_ROW, run_id, states, page):
+            yield [dict(zip(keys, row, strict=True)) for row in rows]
+
+    async def result_pages(
+        self, run_id: str, *, states: Sequence[str] | None = None, page: int = 2000
+    ) -> AsyncIterator[dict[str, Sequence[Any]]]:
+        """The rows of :meth:`iter_results` that results.parquet holds, a page at a time as
+        columns (name: values), in input order; without the raw body and the HTTP details."""
+        async for keys, rows in self._result_rows(_RESULT_COLUMNS, run_id, states, page):
+            yield dict(zip(keys, zip(*rows, strict=True), strict=True))
+
+    async def result_records(
+        self, run_id: str, *, states: Sequence[str] | None = None, page: int = 2000
+    ) -> AsyncIterator[list[str | None]]:
+        """The input records (JSON text) of the same rows, in the same pages."""
+        async for _, rows in self._result_rows((request.c.seq, request.c.record), run_id, states, page):
+            yield [r[1] for r in rows]
+
+    async def _result_rows(
+        self, cols: Sequence[Any], run_id: str, states: Sequence[str] | None, page: int
+    ) -> AsyncIterator[tuple[list[str], Sequence[Any]]]:
+        """Pages of rows of the request / final attempt / completion join, by seq (cols[0])."""
         a, c, r = attempt, completion, request
-        cols = [
-            r.c.seq,
-            r.c.custom_id,
-            r.c.state,
-            r.c.attempts,
-            r.c.error,
-            r.c.record,
-            r.c.cost_picousd,
-            r.c.reported_cost_picousd,
-            a.c.endpoint,
-            a.c.model,
-            a.c.http_status,
-            a.c.provider_request_id,
-            a.c.error_class,
-            a.c.prompt_tokens,
-            a.c.completion_tokens,
-            a.c.total_tokens,
-            a.c.cached_tokens,
-            a.c.reasoning_tokens,
-            c.c.response_id,
-            c.c.model.label("response_model"),
-            c.c.finish_reason,
-            c.c.content,
-            c.c.reasoning,
-            c.c.refusal,
-            c.c.tool_calls,
-            c.c.raw,
-            c.c.parsed,
-            c.c.choices_json,
-        ]
         joined = r.outerjoin(
             a,
             and_(
@@ -465,11 +475,11 @@ class Store:
             async with self._conn(write=False) as conn:
                 result = await conn.execute(q)
                 keys = list(result.keys())
-                rows = [dict(zip(keys, row, strict=True)) for row in result.all()]
+                rows = result.all()
             if not rows:
                 return
-            yield rows
-            after = rows[-1]["seq"]
+            yield keys, rows
+            after = rows[-1][0]
 
     async def execute_text(
         self, sql: str | TextClause, params: Mapping[str, Any] | None = None
@@ -701,6 +711,42 @@ class Store:
         return float(now), float(cooldown), lrpm, ltpm
 
 
+# The columns of the result rows (Store.iter_results; seq first, the paging key).
+_RESULT_COLUMNS = (
+    request.c.seq,
+    request.c.custom_id,
+    request.c.state,
+    request.c.attempts,
+    request.c.error,
+    request.c.record,
+    request.c.cost_picousd,
+    request.c.reported_cost_picousd,
+    attempt.c.endpoint,
+    attempt.c.model,
+    attempt.c.prompt_tokens,
+    attempt.c.completion_tokens,
+    attempt.c.total_tokens,
+    attempt.c.cached_tokens,
+    attempt.c.reasoning_tokens,
+    completion.c.response_id,
+    completion.c.model.label("response_model"),
+    completion.c.finish_reason,
+    completion.c.content,
+    completion.c.reasoning,
+    completion.c.refusal,
+    completion.c.tool_calls,
+    completion.c.parsed,
+    completion.c.choices_json,
+)
+# ... and those a JSONL export needs too.
+_RESULT_ROW = (
+    *_RESULT_COLUMNS,
+    attempt.c.http_status,
+    attempt.c.provider_request_id,
+    attempt.c.error_class,
+    completion.c.raw,
+)
+
 # The database's clock (PostgreSQL): naive UTC like every time column, and epoch seconds.
 _DB_NOW = "(clock_timestamp() AT TIME ZONE 'utc')"
 _DB_EPOCH = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS double precision)"
@@ -764,11 +810,20 @@ async def _request_totals(
     return out
 
 
-async def _driver(conn: AsyncConnection) -> Any:
-    """The driver's own connection under ``conn`` (aiosqlite's), inside the same transaction."""
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert driver is not None
-    return driver
+async def _claim(conn: AsyncConnection, run_id: str, pages: Sequence[tuple[Sequence[str], bool]]) -> None:
+    """Store.claim_pages' statements, the plain SQLAlchemy way."""
+    now = utcnow()
+    for ids, release in pages:
+        if release:
+            values: dict[str, Any] = {"state": "pending", "claimed_at": None}
+            current: str | None = "in_flight"
+        else:
+            values, current = {"state": "in_flight", "claimed_at": now}, None
+        for chunk in chunked(ids, 500):
+            q = update(request).where(request.c.run_id == run_id, request.c.custom_id.in_(chunk))
+            if current is not None:
+                q = q.where(request.c.state == current)
+            await conn.execute(q.values(**values))
 
 
 async def _ensure_rate_slot(conn: AsyncConnection, route_key: str) -> None:
@@ -856,6 +911,9 @@ class OutcomeRows:
     attempts: list[tuple[Any, ...]]
     completions: list[tuple[Any, ...]]
     requests: list[tuple[Any, ...]]
+    # SQLite: the statements, built with the rows (see _SqliteStatements.outcomes)
+    statements: list[tuple[str, list[Any]]] | None = None
+    finish_once: bool = True  # every request once: the requests' UPDATE is in ``statements``
 
 
 @dataclass(frozen=True, slots=True)
@@ -881,25 +939,39 @@ class _SqliteStatements:
         assert process is not None  # SQLite keeps datetimes as text
 
         def stamp(value: Any) -> Any:
-            """SQLAlchemy's SQLite text of a datetime ("YYYY-MM-DD HH:MM:SS.ffffff"), at C speed
-            for the naive datetimes this project stores."""
+            """SQLAlchemy's SQLite text of a datetime ("YYYY-MM-DD HH:MM:SS.ffffff")."""
             if value.__class__ is datetime and value.tzinfo is None:
                 return value.isoformat(" ", "microseconds")
             return None if value is None else process(value)
 
+        def stamp_all(values: Sequence[Any]) -> list[Any]:
+            """``stamp`` of each value, in C loops when it can."""
+            distinct = set(values)
+            if len(distinct) * 8 <= len(values):  # mostly one value (a batch's finishing time)
+                text = {v: stamp(v) for v in distinct}
+                return list(map(text.__getitem__, values))
+            if {v.__class__ for v in distinct} == {datetime}:
+                out = list(map(_ISO, values))
+                if max(map(len, out)) == 26:  # naive, all of them (an offset makes it longer)
+                    return out
+            return list(map(stamp, values))
+
         def rows_for(width: int) -> int:
+            """Rows per statement: a power of two, at most 1,024 and ~20,000 parameters (a
+            compiled statement takes ~140 bytes per parameter, and the driver caches them)."""
             n = 1
-            while n * 2 <= min(512, limit // width):
+            while n * 2 <= 1024 and n * 2 * width <= min(limit, 20_000):
                 n *= 2
             return n
 
         self.stamp: Callable[[Any], Any] = stamp
+        self.stamp_all: Callable[[Sequence[Any]], list[Any]] = stamp_all
         self.attempt = Rows(
             f"INSERT INTO attempt ({', '.join(_ATTEMPT_KEYS)}) VALUES {{values}}",
             len(_ATTEMPT_KEYS),
             max_rows=rows_for(len(_ATTEMPT_KEYS)),
             stamps=[_ATTEMPT_KEYS.index("started_at")],
-            stamp=stamp,
+            stamp=stamp_all,
         )
         self.completion = Rows(
             f"INSERT INTO completion ({', '.join(_COMPLETION_KEYS)}) VALUES {{values}}",
@@ -923,8 +995,36 @@ class _SqliteStatements:
             len(_FINISH_KEYS),
             max_rows=rows_for(len(_FINISH_KEYS)),
             stamps=[_FINISH_KEYS.index("b_finished")],
-            stamp=stamp,
+            stamp=stamp_all,
         )
+
+    # Store.write_outcomes' read-back of the sums of requests attempted before
+    totals = (
+        "SELECT custom_id, attempts, cost_picousd, reported_cost_picousd FROM request "
+        "WHERE run_id = ? AND custom_id IN (SELECT value FROM json_each(?))"
+    )
+
+    def outcomes(self, rows: OutcomeRows) -> list[tuple[str, list[Any]]]:
+        """The statements that write a batch (sets ``rows.finish_once``)."""
+        statements = self.attempt.chunks(rows.attempts) + self.completion.chunks(rows.completions)
+        # UPDATE ... FROM takes one source row per request: a request twice in a batch (never
+        # seen, but possible in principle) goes row by row (Store.write_outcomes)
+        rows.finish_once = len({r[1] for r in rows.requests}) == len(rows.requests)
+        if rows.finish_once:
+            statements += self.finish.chunks(rows.requests)
+        return statements
+
+    def claims(
+        self, run_id: str, pages: Sequence[tuple[Sequence[str], bool]], now: datetime
+    ) -> list[tuple[str, Any]]:
+        """The statements of claim pages: consecutive pages of one kind in one statement."""
+        merged: list[tuple[list[str], bool]] = []
+        for ids, release in pages:
+            if merged and merged[-1][1] == release:
+                merged[-1][0].extend(ids)
+            else:
+                merged.append((list(ids), release))
+        return [self.claim(run_id, ids, release, now) for ids, release in merged]
 
     def claim(
         self, run_id: str, custom_ids: Sequence[str], release: bool, now: datetime
@@ -942,6 +1042,55 @@ class _SqliteStatements:
             "AND custom_id IN (SELECT value FROM json_each(?))",
             (self.stamp(now), run_id, ids),
         )
+
+
+class _SqliteWriter:
+    """The connection the recorder's transactions use on a SQLite file, apart from the pool.
+
+    A whole transaction is one call in a worker thread (``run``): a thread that runs Python
+    takes the GIL back each time SQLite gives it up (after each statement), and while the event
+    loop is busy it waits up to a switch interval (5 ms) each time, so a transaction costs as
+    few trips as it can: one thread hop, one statement per chunk of rows, no pool checkout or
+    reset. Transactions are ``BEGIN IMMEDIATE`` (the write lock first, waiting for it as the
+    pool's connections do) and never stay open across an await, so the pool's connections
+    (reads, setup writes) wait at most one transaction for it.
+    """
+
+    def __init__(self, statements: _SqliteStatements, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        self.statements = statements
+        self._args = list(args)
+        # the driver keeps compiled statements: 64 hold the shapes of a few kinds of batch
+        self._kwargs = {
+            "cached_statements": 64,
+            **kwargs,
+            "isolation_level": None,
+            "check_same_thread": False,
+        }
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        def transaction() -> _T:
+            conn = self._conn
+            if conn is None:
+                conn = self._conn = sqlite3.connect(*self._args, **self._kwargs)
+                _sqlite_pragmas(conn, None)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return await anyio.to_thread.run_sync(transaction, limiter=self._limiter)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -109,8 +109,8 @@ class Rows:
     a None at several times the cost of a number). The values stored are those the bound
     parameters would give.
 
-    ``stamps``: the positions of datetime columns, turned into SQLAlchemy's SQLite text by
-    ``stamp``.
+    ``stamps``: the positions of datetime columns; ``stamp`` turns a chunk's values of one
+    into SQLAlchemy's SQLite text.
     """
 
     def __init__(
@@ -120,7 +120,7 @@ class Rows:
         *,
         max_rows: int,
         stamps: Sequence[int] = (),
-        stamp: Callable[[Any], Any] | None = None,
+        stamp: Callable[[Sequence[Any]], list[Any]] | None = None,
     ) -> None:
         if max_rows < 1 or max_rows & (max_rows - 1):
             raise ValueError("max_rows must be a power of two")
@@ -158,7 +158,7 @@ class Rows:
                 if k in kept:
                     assert self._stamp is not None
                     at = kept.index(k)
-                    params[at::step] = map(self._stamp, params[at::step])
+                    params[at::step] = self._stamp(params[at::step])
             key = (size, tuple(nulls))
             sql = self._sql.get(key) or self._compose(key)
             out.append((sql, params))
