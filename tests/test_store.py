@@ -48,7 +48,7 @@ def test_blank_database_migrates_to_head_with_tables_and_views(workdir: Path, db
     assert {"run", "request", "attempt", "completion"} <= tables
     assert views == set(VIEWS)
     assert query(db, "SELECT version_num FROM alembic_version") == [(head,)]
-    assert head == "0003"
+    assert head == "0004"
 
 
 @pytest.mark.sqlite_only("WAL is a SQLite journal mode")
