@@ -374,3 +374,29 @@ def test_rows_chunks_cover_the_rows_in_order_with_null_columns_as_literals() -> 
         assert conn.execute("SELECT * FROM t").fetchall() == rows
     with pytest.raises(ValueError, match="rows of 4 values"):
         stmt.chunks([(1, 2, 3)])
+
+
+@pytest.mark.sqlite_only("the SQLite write-ahead log and its checkpoints")
+def test_the_wal_is_checkpointed_while_the_recorder_writes_and_the_thread_ends_with_the_store(
+    workdir: Path,
+) -> None:
+    """Batch after batch, the WAL is copied into the database file by the checkpoints' thread
+    (the log stays a few batches long, not the whole run); closing the store ends the thread."""
+    import threading
+
+    every = outcomes.varied(40_000)
+
+    async def go() -> int:
+        store = await _loaded(db_url("p.db"), len(every))
+        try:
+            for k in range(0, len(every), 1000):
+                await store.record_outcomes("r", every[k : k + 1000])
+                await anyio.sleep(0.01)  # as batches come: the checkpoint runs meanwhile
+            return (workdir / "p.db-wal").stat().st_size
+        finally:
+            await store.close()
+
+    wal = anyio.run(go)
+    assert wal < 10 * 2**20  # ~0.7 MB per batch here: ~29 MB in all, kept whole without checkpoints
+    assert not [t for t in threading.enumerate() if t.name == "pipeline-wal-checkpoints"]
+    assert query("p.db", "SELECT COUNT(*) FROM attempt") == [(sum(len(o.attempts) for o in every),)]
