@@ -102,6 +102,21 @@ def _result_arrays(columns: Sequence[Sequence[Any]]) -> list[pa.Array]:
 _NO_ANSWER = (None,) * 8  # response_model .. tool_calls
 _NO_TOKENS = (None,) * 5
 _TOKENS = attrgetter("prompt", "completion", "total", "cached", "reasoning")
+_OUTCOME = attrgetter("custom_id", "seq", "state")
+_FINAL = attrgetter("endpoint", "model", "completion", "usage", "parsed", "cost_picousd")
+_ANSWER = attrgetter("model", "response_id", "choices")
+_CHOICE = attrgetter("finish_reason", "content", "reasoning", "refusal", "tool_calls")
+
+
+def _sums(attempts: Sequence[Any]) -> tuple[int | None, int | None]:
+    """The request's cost and provider-reported cost, in picodollars, over its attempts."""
+    cost = reported = None
+    for x in attempts:
+        if x.cost_picousd is not None:
+            cost = (cost or 0) + x.cost_picousd
+        if x.usage is not None and x.usage.reported_cost is not None:
+            reported = (reported or 0) + picousd(x.usage.reported_cost)
+    return cost, reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,45 +140,43 @@ def result_rows(
     rows = []
     for o in outcomes:
         attempts = o.attempts
-        cost = reported = None
-        for x in attempts:
-            if x.cost_picousd is not None:
-                cost = (cost or 0) + x.cost_picousd
-            if x.usage is not None and x.usage.reported_cost is not None:
-                reported = (reported or 0) + picousd(x.usage.reported_cost)
         n = o.prior_attempts + len(attempts)
-        if totals and o.custom_id in totals:
-            n, cost, reported = totals[o.custom_id]
         choices = None
         if not attempts:
             head: tuple[Any, ...] = (None, None)
             answer: tuple[Any, ...] = _NO_ANSWER
             tokens: tuple[Any, ...] = _NO_TOKENS
+            cost = reported = None
         else:
             a = attempts[-1]
-            head = (a.endpoint, a.model)
-            c = a.completion
+            endpoint, model, c, u, parsed, cost = _FINAL(a)
+            head = (endpoint, model)
+            if len(attempts) > 1:
+                cost, reported = _sums(attempts)
+            else:
+                reported = None if u is None or u.reported_cost is None else picousd(u.reported_cost)
             if c is None:
                 answer = _NO_ANSWER
             else:
-                first = c.choices[0]
-                calls = first.tool_calls
+                response_model, response_id, all_choices = _ANSWER(c)
+                first = all_choices[0]
+                finish_reason, content, reasoning, refusal, calls = _CHOICE(first)
                 answer = (
-                    c.model,
-                    c.response_id,
-                    first.finish_reason,
-                    first.content,
-                    a.parsed,
-                    first.reasoning,
-                    first.refusal,
+                    response_model,
+                    response_id,
+                    finish_reason,
+                    content,
+                    parsed,
+                    reasoning,
+                    refusal,
                     None if calls is None else orjson.dumps(calls).decode(),
                 )
-                if len(c.choices) > 1:
-                    choices = orjson.dumps([ch.to_dict() for ch in c.choices]).decode()
-            tokens = _NO_TOKENS if a.usage is None else _TOKENS(a.usage)
-        rows.append(
-            (o.custom_id, o.seq, o.state, *head, *answer, *tokens, cost, reported, n, o.error, choices)
-        )
+                if len(all_choices) > 1:
+                    choices = orjson.dumps([ch.to_dict() for ch in all_choices]).decode()
+            tokens = _NO_TOKENS if u is None else _TOKENS(u)
+        if totals and o.custom_id in totals:
+            n, cost, reported = totals[o.custom_id]
+        rows.append((*_OUTCOME(o), *head, *answer, *tokens, cost, reported, n, o.error, choices))
     columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * len(RESULT_SCHEMA)
     return ResultRows(_result_arrays(columns), [o.record for o in outcomes])
 

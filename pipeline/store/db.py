@@ -366,6 +366,13 @@ class Store:
                 await _claim(conn, run_id, claims)
             kept: set[str] = set()
             if owner is not None:
+                # Locks in the order every transaction of the workers takes them: the run's row
+                # (claim_budget), the worker's (its heartbeat), then requests. Taking requests
+                # first, then the worker's row at the end (_release_recorded) met the heartbeat
+                # halfway, and the second update of a request checks its run's key, which met
+                # claim_budget: PostgreSQL broke those deadlocks by failing the batch.
+                await conn.execute(text("SELECT 1 FROM run WHERE run_id = :r FOR KEY SHARE"), {"r": run_id})
+                await conn.execute(text("SELECT 1 FROM worker WHERE worker_id = :w FOR UPDATE"), {"w": owner})
                 kept, shifted = await _reconcile(
                     conn, run_id, rows.attempts, rows.completions, rows.requests, outcomes
                 )
