@@ -1072,9 +1072,10 @@ class _SqliteWriter:
     def __init__(self, statements: _SqliteStatements, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         self.statements = statements
         self._args = list(args)
-        # the driver keeps compiled statements: 64 hold the shapes of a few kinds of batch
+        # the driver keeps compiled statements (up to ~3 MB each): 32 hold the shapes of a few
+        # kinds of batch
         self._kwargs = {
-            "cached_statements": 64,
+            "cached_statements": 32,
             **kwargs,
             "isolation_level": None,
             "check_same_thread": False,
