@@ -22,7 +22,7 @@ in the batch's transaction when a batch is waiting); CPU ms per outcome of the w
 10x the request rate of ``bench/throughput.py`` scenario 1; pass that rate as ``--vs-rps`` to
 have the ratio printed.
 
-    python bench/recorder.py                 # 50,000 outcomes per variant, about 20 s
+    python bench/recorder.py                 # 50,000 outcomes per variant, about 10 s
     python bench/recorder.py --short         # 2,000, a few seconds
     python bench/recorder.py --vs-rps 700    # also print the ratio to the pipeline's rate
 

@@ -7,8 +7,10 @@ Layout under the output folder, by job and run::
 
 Every file is written to a temporary name and renamed, so a file is complete or absent.
 While a run goes, ``results.parquet`` holds what earlier sessions finished and the parts
-hold this session's; at the end both are rebuilt from the database into one file. At any
-moment, ``OUT/**/*.parquet`` holds each finished request once.
+hold this session's; at the end both are consolidated into one file (:func:`consolidate`: the
+very file the database rebuild writes, checked against the database's counts), or rebuilt from
+the database when they cannot be trusted to be it (and by the worker that finds a shared run
+done). At any moment, ``OUT/**/*.parquet`` holds each finished request once.
 
 For template runs the input record's columns come first, then the answer columns.
 """
