@@ -5,20 +5,24 @@ loaded the way ``pipeline run`` loads them (``Store.load_requests``); then N syn
 ``Outcome`` objects of realistic size (one successful attempt each, with a completion whose raw
 body is a 630-byte ``chat.completion`` like the mock server's, and its usage) are pushed as fast
 as possible through ``pipeline.recorder.Recorder.run`` over an anyio memory stream (buffer 128,
-as a 64-worker run has). The outcomes are built before the clock starts; the garbage collector
-is tuned as a run tunes it while its workers run (``pipeline.collector``). Three variants:
+as a 64-worker run has; one ``await send`` per outcome, as each worker does). The outcomes are
+built before the clock starts; the garbage collector is tuned as a run tunes it while its
+workers run (``pipeline.collector``). Three variants:
 
 * ``outcomes``: SQLite only (no Parquet part writer);
 * ``+ parts``: with the Parquet part writer of a real run (a part file every 10,000 rows);
 * ``+ parts + claims/64``: a ``Claim`` of the next 64 ids before every 64 outcomes, as the
-  real feeder does at 64 concurrent (write-ahead: one commit per page).
+  real feeder does at 64 concurrent (write-ahead).
 
-Printed: outcomes/s, commits (outcome batches, and claims apart), ms per commit (time inside
-``Store.record_outcomes`` / ``Store.claim``), CPU ms per outcome of the process (aiosqlite's
-thread included). The target is 10x the request rate of ``bench/throughput.py`` scenario 1; pass
-that rate as ``--vs-rps`` to have the ratio printed.
+Printed: outcomes/s; commits (transactions with outcomes: ``Store.write_outcomes``) and ms per
+commit (the time inside it, claims that came meanwhile included); claims sent, and how many
+transactions held claims alone (``Store.claim_pages``: the recorder commits a claim at once,
+in the batch's transaction when a batch is waiting); CPU ms per outcome of the whole process
+(every thread: the database writer's, the WAL checkpoints', the part writer's). The target is
+10x the request rate of ``bench/throughput.py`` scenario 1; pass that rate as ``--vs-rps`` to
+have the ratio printed.
 
-    python bench/recorder.py                 # 20,000 outcomes per variant, about 30 s
+    python bench/recorder.py                 # 50,000 outcomes per variant, about 10 s
     python bench/recorder.py --short         # 2,000, a few seconds
     python bench/recorder.py --vs-rps 700    # also print the ratio to the pipeline's rate
 
@@ -96,6 +100,7 @@ class Result:
     db_rows: int = 0
     commits: Timed | None = None
     claims: Timed | None = None
+    claims_sent: int = 0
 
     @property
     def rate(self) -> float:
@@ -240,8 +245,8 @@ async def measure(variant: Variant, n: int, folder: Path) -> Result:
 
         outcomes = [outcome(i) for i in range(n)]
         commits, claims = Timed(), Timed()
-        store.record_outcomes = timed(store.record_outcomes, commits)  # type: ignore[method-assign]
-        store.claim = timed(store.claim, claims)  # type: ignore[method-assign]
+        store.write_outcomes = timed(store.write_outcomes, commits)  # type: ignore[method-assign]
+        store.claim_pages = timed(store.claim_pages, claims)  # type: ignore[method-assign]
         parts = PartWriter(folder / "parts") if variant.parts else None
         recorder = Recorder(store, RUN_ID, parts=parts, counters=Counters(total=n))
         send, receive = anyio.create_memory_object_stream[Outcome | Claim](STREAM_BUFFER)
@@ -254,6 +259,7 @@ async def measure(variant: Variant, n: int, folder: Path) -> Result:
                     if variant.claims:
                         claim = Claim([o.custom_id for o in page])
                         waits.append(claim)
+                        result.claims_sent += 1
                         await send.send(claim)
                     for o in page:
                         await send.send(o)
@@ -292,7 +298,8 @@ def table(results: Sequence[Result], vs_rps: float | None) -> str:
         "outcomes/commit",
         "ms/commit",
         "claims",
-        "ms/claim",
+        "alone",
+        "ms/alone",
         "CPU ms/outcome",
         f"vs {vs_rps:,.0f} req/s" if vs_rps else "vs pipeline",
     )
@@ -307,6 +314,7 @@ def table(results: Sequence[Result], vs_rps: float | None) -> str:
                 f"{c.calls:,}",
                 f"{r.recorded / c.calls:,.0f}" if c.calls else "-",
                 f"{c.ms_per_call:.1f}" if c.ms_per_call is not None else "-",
+                f"{r.claims_sent:,}",
                 f"{k.calls:,}",
                 f"{k.ms_per_call:.1f}" if k.ms_per_call is not None else "-",
                 f"{r.cpu_s * 1000.0 / r.recorded:.3f}" if r.recorded else "-",
@@ -319,7 +327,7 @@ def table(results: Sequence[Result], vs_rps: float | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--short", action="store_true", help="2,000 outcomes per variant, a few seconds")
-    parser.add_argument("-n", type=int, default=None, help="outcomes per variant (default 20,000)")
+    parser.add_argument("-n", type=int, default=None, help="outcomes per variant (default 50,000)")
     parser.add_argument(
         "--vs-rps",
         type=float,
@@ -327,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="bench/throughput.py scenario 1's pipeline req/s: prints the ratio (target >= 10x)",
     )
     args = parser.parse_args(argv)
-    n = args.n or (2_000 if args.short else 20_000)
+    n = args.n or (2_000 if args.short else 50_000)
     print(
         f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}; {os.cpu_count()} cores; "
         f"{common.load_average()}"
@@ -344,8 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(table(results, args.vs_rps))
     print(
-        "commits = Store.record_outcomes calls (one transaction each); claims = Store.claim calls "
-        f"(one transaction per page of {PAGE}); no commit per request when outcomes/commit > 1"
+        "commits = transactions with outcomes (Store.write_outcomes); claims = Claim messages (a page "
+        f"of {PAGE} each), committed with a batch or, alone = in transactions of claims only "
+        "(Store.claim_pages); no commit per request when outcomes/commit > 1"
     )
     broken = [r.variant.name for r in results if r.recorded != n or r.db_rows != n]
     if broken:

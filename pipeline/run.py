@@ -37,7 +37,7 @@ from pipeline.collector import fewer_collections
 from pipeline.errors import InputError, RunStateError, SpecError, StorageError
 from pipeline.inputs import Row, RowSource, file_sha256
 from pipeline.limits import CircuitBreaker, RouteLimiter
-from pipeline.outputs import PartWriter, write_parquet
+from pipeline.outputs import PartWriter, consolidate, write_results
 from pipeline.plan import Budget
 from pipeline.pricing import PriceBook, picousd, usd
 from pipeline.progress import Counters, Display
@@ -297,12 +297,13 @@ async def _session(
     keep = spec.template.keep_columns if spec.template else None
     records = spec.template is not None or bool(spec.input.messages_column or spec.input.body_column)
     lease = _Lease(new_worker_id(), lease_s) if store.shared else None
+    rows_before = 0  # in results.parquet when the session starts
     if lease is None:
         # What earlier sessions finished goes in results.parquet; this session's go in parts.
         finished_before = [s for s in FINAL_STATES if s not in states]
         parts = PartWriter(out_dir / "parts", keep_columns=keep)
         parts.clear()
-        await _write_results(store, run_id, out_dir, keep, finished_before, records)
+        rows_before = await _write_results(store, run_id, out_dir, keep, finished_before, records)
     else:  # each worker writes its own parts; results.parquet is built when the run is done
         parts = PartWriter(out_dir / "parts" / lease.worker_id, keep_columns=keep)
         await store.register_worker(lease.worker_id, run_id, this_host(), os.getpid())
@@ -360,7 +361,7 @@ async def _session(
     state, code, message = _verdict(counts, interrupted, worker, totals)
     left = any(counts.get(s) for s in ("pending", "in_flight"))
     if lease is None:
-        await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
+        await _final_results(store, run_id, out_dir, keep, records, parts, counts, rows_before)
         parts.clear()
     elif not left:  # the run is done: results.parquet holds every worker's answers
         await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
@@ -898,17 +899,39 @@ async def _write_results(
     keep: tuple[str, ...] | None,
     states: tuple[str, ...] | list[str],
     records: bool,
-) -> None:
-    """Rebuild results.parquet from the database (requests in ``states``). A first pass
-    settles the record columns' types, only when rows carry records."""
+) -> int:
+    """Rebuild results.parquet from the database (requests in ``states``); returns its rows.
+    A first pass over the records settles their columns' types, only when rows carry records."""
     path = out_dir / "results.parquet"
     sts = tuple(states)
     if not sts:
         path.unlink(missing_ok=True)
-        return
-    await write_parquet(
-        store.iter_results(run_id, states=sts),
+        return 0
+    return await write_results(
+        store.result_pages(run_id, states=sts),
         path,
         keep_columns=keep,
-        typing_pages=store.iter_results(run_id, states=sts) if records else None,
+        typing_pages=store.result_records(run_id, states=sts) if records else None,
     )
+
+
+async def _final_results(
+    store: Store,
+    run_id: str,
+    out_dir: Path,
+    keep: tuple[str, ...] | None,
+    records: bool,
+    parts: PartWriter,
+    counts: Mapping[str, int],
+    before: int,
+) -> None:
+    """results.parquet at the end of a session alone on the run: the results.parquet of
+    earlier sessions (``before`` rows, written when this one started) and this session's part
+    files, consolidated: the file the database rebuild gives, without reading the database
+    again (outputs.consolidate checks the rows against the database's counts). The database
+    rebuild when they cannot be trusted to be that file."""
+    path = out_dir / "results.parquet"
+    pieces = ([path] if before else []) + parts.files
+    expect = {s: counts.get(s, 0) for s in FINAL_STATES}
+    if await anyio.to_thread.run_sync(consolidate, pieces, path, expect) is None:
+        await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)

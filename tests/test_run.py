@@ -440,3 +440,58 @@ def test_budget_cap_stops_dispatch_with_exit_3_and_a_larger_budget_finishes(
     assert r.exit_code == 0, r.stderr
     assert server.stats().requests_total == 20
     assert query(db, "SELECT COUNT(*) FROM attempt") == [(20,)]
+
+
+def test_the_end_of_a_session_consolidates_its_parts_into_the_database_rebuild(
+    workdir: Path,
+    db: str,
+    mock_server: Callable[..., MockServer],
+    cli: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run with failures, then a --retry-failed session: each ends with results.parquet made
+    from its parts and the earlier results, and the file is the one the database rebuild writes.
+    The database is read for results.parquet once per session: when it starts (alone on the run,
+    SQLite) or when the run is done (workers, PostgreSQL)."""
+    import anyio
+
+    from pipeline import run as run_module
+    from pipeline.outputs import write_parquet
+    from pipeline.spec import db_url
+    from pipeline.store import Store
+
+    rebuilds: list[Path] = []
+    rebuild = run_module.write_results
+
+    async def counted(pages: Any, path: Path, **kwargs: Any) -> int:
+        rebuilds.append(path)
+        return await rebuild(pages, path, **kwargs)
+
+    monkeypatch.setattr(run_module, "write_results", counted)
+
+    async def reference() -> pa.Table:
+        store = await Store.open(db_url(db), migrate=False)
+        try:
+            states = ("succeeded", "failed", "rejected")
+            await write_parquet(store.iter_results("t", states=states), workdir / "ref.parquet")
+        finally:
+            await store.close()
+        return pq.read_table(workdir / "ref.parquet")
+
+    write_jsonl(workdir / "in.jsonl", plain_rows(60))
+    flaky = mock_server(rate_500=0.7, seed=3)
+    no_breaker = "[breaker]\nenabled = false"
+    spec_file(workdir / "t.toml", flaky.base_url, extra=no_breaker)
+    first = cli("run", "t.toml", "--db", db, "--out", "out", "-q")
+    assert first.exit_code == 1, first.stderr  # some ended failed
+    failed = query(db, "SELECT COUNT(*) FROM request WHERE state = 'failed'")[0][0]
+    assert 0 < failed < 60
+    assert results(workdir, "t").equals(anyio.run(reference))
+    spec_file(workdir / "t.toml", mock_server().base_url, extra=no_breaker)
+    again = cli("run", "t.toml", "--db", db, "--out", "out", "-q", "--retry-failed")
+    assert again.exit_code == 0, again.stderr
+    table = results(workdir, "t")
+    assert table.num_rows == 60 and set(table.column("state").to_pylist()) == {"succeeded"}
+    assert table.equals(anyio.run(reference))
+    assert len(rebuilds) == 2
+    assert not (workdir / "out" / "t" / "t" / "parts").exists()

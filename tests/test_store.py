@@ -1,22 +1,33 @@
-"""The schema: Alembic migrates a blank database to head, and the models agree with it.
+"""The schema: Alembic migrates a blank database to head, and the models agree with it; the
+recorder's statements store what plain SQLAlchemy statements would.
 
 On the suite's backend (SQLite, or PostgreSQL with --db-backend=postgresql)."""
 
 from __future__ import annotations
 
+import re
+import sqlite3
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
+import outcomes
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from helpers import query
-from sqlalchemy import inspect
+from helpers import as_datetime, is_url, query
+from sqlalchemy import DateTime, insert, inspect, select, update
 
+from pipeline.errors import StorageError
+from pipeline.pricing import picousd
+from pipeline.records import Attempt, Outcome
 from pipeline.spec import db_url
 from pipeline.store import Store
-from pipeline.store.schema import VIEWS, metadata
+from pipeline.store.db import utcnow
+from pipeline.store.schema import VIEWS, attempt, completion, metadata, request
 
 
 def test_blank_database_migrates_to_head_with_tables_and_views(workdir: Path, db: str) -> None:
@@ -37,7 +48,7 @@ def test_blank_database_migrates_to_head_with_tables_and_views(workdir: Path, db
     assert {"run", "request", "attempt", "completion"} <= tables
     assert views == set(VIEWS)
     assert query(db, "SELECT version_num FROM alembic_version") == [(head,)]
-    assert head == "0003"
+    assert head == "0004"
 
 
 @pytest.mark.sqlite_only("WAL is a SQLite journal mode")
@@ -82,3 +93,310 @@ def test_views_answer_on_an_empty_database(workdir: Path, db: str) -> None:
             await store.close()
 
     anyio.run(go)
+
+
+# -- the recorder's statements ---------------------------------------------------------------
+
+
+def _attempt_values(run_id: str, cid: str, a: Attempt) -> dict[str, Any]:
+    u = a.usage
+    return {
+        "run_id": run_id,
+        "custom_id": cid,
+        "attempt_no": a.attempt_no,
+        "endpoint": a.endpoint,
+        "base_url": a.base_url,
+        "model": a.model,
+        "started_at": a.started_at,
+        "latency_ms": a.latency_ms,
+        "http_status": a.http_status,
+        "outcome": a.outcome,
+        "error_class": a.error_class,
+        "error_message": a.error_message,
+        "retry_after_s": a.retry_after_s,
+        "wait_s": a.wait_s,
+        "provider_request_id": a.provider_request_id,
+        "prompt_tokens": u and u.prompt,
+        "completion_tokens": u and u.completion,
+        "total_tokens": u and u.total,
+        "cached_tokens": u and u.cached,
+        "cache_write_tokens": u and u.cache_write,
+        "reasoning_tokens": u and u.reasoning,
+        "audio_prompt_tokens": u and u.audio_prompt,
+        "audio_completion_tokens": u and u.audio_completion,
+        "accepted_prediction_tokens": u and u.accepted_prediction,
+        "rejected_prediction_tokens": u and u.rejected_prediction,
+        "usage_estimated": None if u is None else u.estimated,
+        "usage_json": None if u is None or u.raw is None else orjson.dumps(u.raw).decode(),
+        "cost_picousd": a.cost_picousd,
+        "cost_source": a.cost_source,
+        "cost_note": a.cost_note,
+        "reported_cost_picousd": None if u is None or u.reported_cost is None else picousd(u.reported_cost),
+        "upstream_cost_picousd": None if u is None or u.upstream_cost is None else picousd(u.upstream_cost),
+        "stream": a.stream,
+        "ttft_ms": a.ttft_ms,
+        "ttlt_ms": a.ttlt_ms,
+        "output_tokens_per_s": a.output_tokens_per_s,
+        "partial": a.partial,
+    }
+
+
+def _completion_values(run_id: str, cid: str, a: Attempt) -> dict[str, Any]:
+    c = a.completion
+    assert c is not None
+    first = c.choices[0]
+    return {
+        "run_id": run_id,
+        "custom_id": cid,
+        "attempt_no": a.attempt_no,
+        "response_id": c.response_id,
+        "model": c.model,
+        "provider": c.provider,
+        "system_fingerprint": c.system_fingerprint,
+        "finish_reason": first.finish_reason,
+        "content": first.content,
+        "reasoning": first.reasoning,
+        "refusal": first.refusal,
+        "tool_calls": None if first.tool_calls is None else orjson.dumps(first.tool_calls).decode(),
+        "choices_json": None
+        if len(c.choices) < 2
+        else orjson.dumps([x.to_dict() for x in c.choices]).decode(),
+        "raw": c.raw.decode(),
+        "parsed": a.parsed,
+        "validation_error": a.validation_error,
+    }
+
+
+async def _record_plainly(store: Store, run_id: str, outcomes: Sequence[Outcome]) -> None:
+    """What Store.record_outcomes means, said the plain SQLAlchemy way: one statement per row,
+    every new value of a request computed in Python from the row as it is."""
+    now = utcnow()
+    async with store.engine.begin() as conn:
+        for o in outcomes:
+            for a in o.attempts:
+                await conn.execute(insert(attempt).values(_attempt_values(run_id, o.custom_id, a)))
+                if a.completion is not None:
+                    await conn.execute(insert(completion).values(_completion_values(run_id, o.custom_id, a)))
+            where = (request.c.run_id == run_id) & (request.c.custom_id == o.custom_id)
+            old = (await conn.execute(select(request).where(where))).mappings().one()
+            costs = [a.cost_picousd for a in o.attempts if a.cost_picousd is not None]
+            reported = [
+                picousd(a.usage.reported_cost)
+                for a in o.attempts
+                if a.usage and a.usage.reported_cost is not None
+            ]
+            values = {
+                "state": o.state,
+                "attempts": old["attempts"] + len(o.attempts),
+                "final_attempt_no": o.attempts[-1].attempt_no if o.attempts else old["final_attempt_no"],
+                "error": o.error,
+                "cost_picousd": (old["cost_picousd"] or 0) + sum(costs) if costs else old["cost_picousd"],
+                "reported_cost_picousd": (old["reported_cost_picousd"] or 0) + sum(reported)
+                if reported
+                else old["reported_cost_picousd"],
+                "finished_at": None if o.state == "pending" else now,
+            }
+            await conn.execute(update(request).where(where).values(values))
+
+
+async def _loaded(url: str, n: int) -> Store:
+    store = await Store.open(url)
+    await store.create_run(
+        run_id="r", job="j", spec_json="{}", input_path="x", input_sha256="h", state="running"
+    )
+    await store.load_requests("r", outcomes.batches(outcomes.request_rows(n)))
+    return store
+
+
+def _tables(db: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the run's tables; on SQLite with each value's storage class too."""
+    out = {}
+    for table, key in (
+        ("attempt", "custom_id, attempt_no"),
+        ("completion", "custom_id, attempt_no"),
+        ("request", "seq"),
+    ):
+        names = [c.name for c in metadata.tables[table].columns if c.name != "finished_at"]
+        cols = ", ".join(names)
+        if not is_url(db):
+            cols += ", " + ", ".join(f"typeof({c})" for c in names)
+        if table == "request":  # the finishing time is the batch's: only whether there is one
+            cols += ", finished_at IS NULL"
+            if not is_url(db):  # and its text
+                cols += ", typeof(finished_at), length(finished_at)"
+        out[table] = query(db, f"SELECT {cols} FROM {table} ORDER BY {key}")
+    return out
+
+
+def test_recorded_rows_are_those_of_plain_sqlalchemy_statements(new_db: Callable[[str], str]) -> None:
+    """Every kind of outcome, answered twice (a resumed session): record_outcomes stores the
+    values, storage classes and sums that one plain SQLAlchemy statement per row stores."""
+    fast, plain = new_db("fast.db"), new_db("plain.db")
+    first = outcomes.varied(3 * outcomes.KINDS)
+    second = outcomes.again(first[: outcomes.KINDS + 3])
+
+    async def go() -> None:
+        for db, record in ((fast, None), (plain, _record_plainly)):
+            store = await _loaded(db_url(db), len(first))
+            try:
+                for batch in (first, second):
+                    if record is None:
+                        await store.record_outcomes("r", batch)
+                    else:
+                        await record(store, "r", batch)
+            finally:
+                await store.close()
+
+    anyio.run(go)
+    got, want = _tables(fast), _tables(plain)
+    assert [len(got[t]) for t in got] == [len(want[t]) for t in want] == [35, 26, 24]
+    assert got == want
+
+
+def test_many_batches_of_many_sizes_are_stored_whole(new_db: Callable[[str], str]) -> None:
+    """Batches of 1 to 1,100 outcomes (chunks of every size, all-NULL columns and not): every
+    attempt, completion and finished state is there, values as plain statements store them."""
+    fast, plain = new_db("fast.db"), new_db("plain.db")
+    every = outcomes.varied(2_500)
+    sizes = [1, 2, 3, 7, 64, 100, 1_100, 200, 1_023]
+
+    async def go() -> None:
+        for db, record in ((fast, None), (plain, _record_plainly)):
+            store = await _loaded(db_url(db), len(every))
+            try:
+                k = 0
+                for size in sizes:
+                    batch = every[k : k + size]
+                    k += size
+                    if record is None:
+                        await store.record_outcomes("r", batch)
+                    else:
+                        await record(store, "r", batch)
+            finally:
+                await store.close()
+
+    anyio.run(go)
+    assert _tables(fast) == _tables(plain)
+
+
+def test_a_batch_that_fails_leaves_nothing_of_itself(db: str, workdir: Path) -> None:
+    """An outcome for a request that is not in the run: StorageError, and none of the batch's
+    rows are stored (its good outcomes neither)."""
+    good = outcomes.varied(10)
+    bad = outcomes.outcome(0)
+    bad.custom_id = "not-loaded"
+
+    async def go() -> None:
+        store = await _loaded(db_url(db), len(good))
+        try:
+            with pytest.raises(StorageError, match="database"):
+                await store.record_outcomes("r", [*good, bad])
+        finally:
+            await store.close()
+
+    anyio.run(go)
+    assert query(db, "SELECT COUNT(*) FROM attempt") == [(0,)]
+    assert query(db, "SELECT COUNT(*) FROM completion") == [(0,)]
+    assert query(db, "SELECT DISTINCT state FROM request") == [("pending",)]
+
+
+def test_claims_in_one_transaction_mark_and_give_back_requests(db: str, workdir: Path) -> None:
+    """claim_pages: pages claimed (in flight, with the claim time) and given back (only those
+    still in flight: pending again, claim time cleared), in order."""
+    ids = [outcomes.custom_id(i) for i in range(10)]
+
+    async def go() -> None:
+        store = await _loaded(db_url(db), 10)
+        try:
+            await store.claim_pages("r", [(ids[:4], False), (ids[4:8], False), (ids[2:6], True), ([], False)])
+            await store.claim("r", ids[9:], release=True)  # not in flight: left alone
+            await store.claim("r", ids[8:9])
+        finally:
+            await store.close()
+
+    anyio.run(go)
+    got = query(db, "SELECT custom_id, state, claimed_at FROM request ORDER BY seq")
+    states = [(cid, st) for cid, st, _ in got]
+    assert states == [(c, "in_flight") for c in ids[:2]] + [(c, "pending") for c in ids[2:6]] + [
+        (c, "in_flight") for c in ids[6:9]
+    ] + [(ids[9], "pending")]
+    claimed = {cid: at for cid, _, at in got}
+    assert all(claimed[c] is None for c in ids[2:6] + ids[9:])
+    stamps = [as_datetime(claimed[c]) for c in ids[:2] + ids[6:9]]
+    assert all(abs((s - utcnow()).total_seconds()) < 60 for s in stamps)
+    if not is_url(db):  # SQLAlchemy's SQLite text for a datetime
+        assert all(
+            re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", claimed[c]) for c in ids[:2] + ids[6:9]
+        )
+
+
+@pytest.mark.sqlite_only("the SQLite text of datetimes")
+def test_sqlite_datetime_text_is_sqlalchemy_s(workdir: Path) -> None:
+    """The recorder's own datetime text is SQLAlchemy's DATETIME text on SQLite, to the character."""
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+    from pipeline.store.db import _SqliteStatements
+
+    dialect = sqlite_dialect.dialect()
+    process = DateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert process is not None
+    statements = _SqliteStatements(dialect)
+    values = [
+        datetime(2026, 11, 24, 12, 30, 15, 123456),
+        datetime(2026, 11, 24, 12, 30, 15),  # no microseconds: still six digits
+        datetime(5, 1, 2, 3, 4, 5, 6),
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, 1, tzinfo=timezone(timedelta(hours=2))),
+        None,
+    ]
+    assert [statements.stamp(v) for v in values] == [process(v) for v in values]
+    naive = [datetime(2026, 11, 24) + timedelta(microseconds=7 * i) for i in range(100)]
+    for column in (naive, [naive[0]] * 50 + [None] * 50, naive + values, values * 20):  # C loops, or not
+        assert statements.stamp_all(column) == [process(v) for v in column]
+
+
+def test_rows_chunks_cover_the_rows_in_order_with_null_columns_as_literals() -> None:
+    """Rows: chunks of powers of two, in order; a column NULL in a whole chunk is a literal."""
+    from pipeline.store.prepared import Rows
+
+    rows = [(i, None if i < 5 else f"v{i}", None, i * 2) for i in range(13)]
+    stmt = Rows("INSERT INTO t VALUES {values}", 4, max_rows=8)
+    chunks = stmt.chunks(rows)
+    assert [sql.count("(") for sql, _ in chunks] == [8, 4, 1]
+    sql, params = chunks[0]
+    assert sql == "INSERT INTO t VALUES " + ",".join(["(?,?,NULL,?)"] * 8)
+    assert params == [x for r in rows[:8] for x in (r[0], r[1], r[3])]
+    assert chunks[2] == ("INSERT INTO t VALUES (?,?,NULL,?)", [12, "v12", 24])
+    with sqlite3.connect(":memory:") as conn:
+        conn.execute("CREATE TABLE t (a, b, c, d)")
+        for sql, params in chunks:
+            conn.execute(sql, params)
+        assert conn.execute("SELECT * FROM t").fetchall() == rows
+    with pytest.raises(ValueError, match="rows of 4 values"):
+        stmt.chunks([(1, 2, 3)])
+
+
+@pytest.mark.sqlite_only("the SQLite write-ahead log and its checkpoints")
+def test_the_wal_is_checkpointed_while_the_recorder_writes_and_the_thread_ends_with_the_store(
+    workdir: Path,
+) -> None:
+    """Batch after batch, the WAL is copied into the database file by the checkpoints' thread
+    (the log stays a few batches long, not the whole run); closing the store ends the thread."""
+    import threading
+
+    every = outcomes.varied(40_000)
+
+    async def go() -> int:
+        store = await _loaded(db_url("p.db"), len(every))
+        try:
+            for k in range(0, len(every), 1000):
+                await store.record_outcomes("r", every[k : k + 1000])
+                await anyio.sleep(0.01)  # as batches come: the checkpoint runs meanwhile
+            return (workdir / "p.db-wal").stat().st_size
+        finally:
+            await store.close()
+
+    wal = anyio.run(go)
+    assert wal < 10 * 2**20  # ~0.7 MB per batch here: ~29 MB in all, kept whole without checkpoints
+    assert not [t for t in threading.enumerate() if t.name == "pipeline-wal-checkpoints"]
+    assert query("p.db", "SELECT COUNT(*) FROM attempt") == [(sum(len(o.attempts) for o in every),)]

@@ -8,12 +8,17 @@ with a message a user can act on.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import attrgetter, methodcaller
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import orjson
 from sqlalchemy import (
     BigInteger,
@@ -38,10 +43,14 @@ from sqlalchemy.sql.elements import TextClause
 from pipeline.errors import StorageError
 from pipeline.pricing import picousd
 from pipeline.records import Attempt, Outcome
-from pipeline.store.prepared import Prepared
+from pipeline.store.prepared import Prepared, Rows
 from pipeline.store.schema import attempt, completion, request, run, worker
 
-__all__ = ["DuplicateRequestId", "Store", "migrations_dir", "utcnow"]
+__all__ = ["DuplicateRequestId", "OutcomeRows", "Recorded", "Store", "migrations_dir", "utcnow"]
+
+
+_T = TypeVar("_T")
+_ISO = methodcaller("isoformat", " ", "microseconds")
 
 
 class DuplicateRequestId(StorageError):
@@ -80,10 +89,20 @@ def _explain(exc: BaseException, url: str) -> str:
 class Store:
     """One database. Writes come from one task at a time (the recorder, or setup code)."""
 
-    def __init__(self, engine: AsyncEngine, url: str) -> None:
+    def __init__(
+        self, engine: AsyncEngine, url: str, *, connect_args: Mapping[str, Any] | None = None
+    ) -> None:
         self.engine = engine
         self.url = url
         self._statements: dict[str, Prepared] | None = None
+        # SQLite file: the recorder's statements go through a connection of their own.
+        self._writer: _SqliteWriter | None = None
+        if engine.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 38):  # UPDATE FROM, JSON
+            args, kwargs = engine.dialect.create_connect_args(engine.url)
+            if args and args[0] != ":memory:" and "mode=memory" not in str(args[0]):
+                self._writer = _SqliteWriter(
+                    _SqliteStatements(engine.dialect), args, {**kwargs, **(connect_args or {})}
+                )
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -104,13 +123,23 @@ class Store:
             raise StorageError(f"cannot use database URL: {exc}") from None
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        store = cls(engine, url)
+        store = cls(engine, url, connect_args=kwargs.get("connect_args"))
         if migrate:
             await store.migrate()
         return store
 
     async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
         await self.engine.dispose()
+
+    async def _write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """One transaction on the SQLite writer's connection (errors as StorageError)."""
+        assert self._writer is not None
+        try:
+            return await self._writer.run(work)
+        except sqlite3.Error as exc:
+            raise StorageError(_explain(exc, self.url)) from exc
 
     @asynccontextmanager
     async def _conn(self, *, write: bool = True) -> AsyncIterator[AsyncConnection]:
@@ -121,9 +150,7 @@ class Store:
             else:
                 async with self.engine.connect() as conn:
                     yield conn
-        except SQLAlchemyError as exc:
-            raise StorageError(_explain(exc, self.url)) from exc
-        except OSError as exc:
+        except (SQLAlchemyError, OSError) as exc:
             raise StorageError(_explain(exc, self.url)) from exc
 
     async def migrate(self) -> str:
@@ -230,19 +257,25 @@ class Store:
 
     async def claim(self, run_id: str, custom_ids: Sequence[str], *, release: bool = False) -> None:
         """Write-ahead: mark requests in flight before they are sent (or give them back)."""
-        if not custom_ids:
+        await self.claim_pages(run_id, [(custom_ids, release)])
+
+    async def claim_pages(self, run_id: str, pages: Sequence[tuple[Sequence[str], bool]]) -> None:
+        """Several claims, as :meth:`claim` makes them, in order and in one transaction:
+        (custom_ids, release) each."""
+        pages = [(ids, release) for ids, release in pages if ids]
+        if not pages:
             return
-        if release:
-            values: dict[str, Any] = {"state": "pending", "claimed_at": None}
-            current = "in_flight"
-        else:
-            values, current = {"state": "in_flight", "claimed_at": utcnow()}, None
+        if self._writer is not None:
+            statements = self._writer.statements.claims(run_id, pages, utcnow())
+
+            def claim(conn: sqlite3.Connection) -> None:
+                for sql, params in statements:
+                    conn.execute(sql, params)
+
+            await self._write(claim)
+            return
         async with self._conn() as conn:
-            for chunk in chunked(custom_ids, 500):
-                q = update(request).where(request.c.run_id == run_id, request.c.custom_id.in_(chunk))
-                if current is not None:
-                    q = q.where(request.c.state == current)
-                await conn.execute(q.values(**values))
+            await _claim(conn, run_id, pages)
 
     async def record_outcomes(
         self, run_id: str, outcomes: Sequence[Outcome], *, owner: str | None = None
@@ -252,26 +285,39 @@ class Store:
         ``owner``: the worker recording, when several share the run (see :func:`_reconcile`);
         returns the requests another worker had already answered (their state is kept).
         """
+        return (await self.write_outcomes(self.outcome_rows(run_id, outcomes, owner=owner))).kept
+
+    def outcome_rows(
+        self, run_id: str, outcomes: Sequence[Outcome], *, owner: str | None = None
+    ) -> OutcomeRows:
+        """The rows of a batch, built without touching the database (so the recorder can build
+        the next batch while the database writes the last one)."""
         attempt_rows: list[tuple[Any, ...]] = []
         completion_rows: list[tuple[Any, ...]] = []
         request_rows: list[tuple[Any, ...]] = []
         now = utcnow()  # the batch's finishing time
+        add_attempt, add_completion, add_request = (
+            attempt_rows.append,
+            completion_rows.append,
+            request_rows.append,
+        )
         for o in outcomes:
             cost = reported = None
+            cid = o.custom_id
             for a in o.attempts:
-                attempt_rows.append(_attempt_row(run_id, o.custom_id, a))
+                add_attempt(_attempt_row(run_id, cid, a))
                 if a.completion is not None:
-                    completion_rows.append(_completion_row(run_id, o.custom_id, a))
+                    add_completion(_completion_row(run_id, cid, a))
                 if a.cost_picousd is not None:
                     cost = (cost or 0) + a.cost_picousd
-                rc = a.usage.reported_cost if a.usage is not None else None
-                if rc is not None:
-                    reported = (reported or 0) + picousd(rc)
-            final = o.final
-            request_rows.append(
+                u = a.usage
+                if u is not None and u.reported_cost is not None:
+                    reported = (reported or 0) + picousd(u.reported_cost)
+            final = o.attempts[-1] if o.attempts else None
+            add_request(
                 (
                     run_id,
-                    o.custom_id,
+                    cid,
                     o.state,
                     len(o.attempts),
                     final.attempt_no if final else None,
@@ -281,21 +327,68 @@ class Store:
                     now if o.state != "pending" else None,
                 )
             )
-        prepared = self._prepared()
+        rows = OutcomeRows(run_id, outcomes, owner, attempt_rows, completion_rows, request_rows)
+        if self._writer is not None and owner is None:
+            rows.statements = self._writer.statements.outcomes(rows)
+        return rows
+
+    async def write_outcomes(
+        self, rows: OutcomeRows, *, claims: Sequence[tuple[Sequence[str], bool]] = ()
+    ) -> Recorded:
+        """Commit a batch built by :meth:`outcome_rows`, in one transaction; ``claims`` (as
+        :meth:`claim_pages` takes them) go in the same transaction, first."""
+        run_id, outcomes, owner = rows.run_id, rows.outcomes, rows.owner
+        claims = [(ids, release) for ids, release in claims if ids]
+        # Requests answered in part by earlier sessions (or other workers): their totals
+        # are the database's sums, read back for the derived output.
+        again = [o.custom_id for o in outcomes if o.prior_attempts]
+        statements = rows.statements
+        if statements is not None:
+            assert self._writer is not None
+            totals_sql = self._writer.statements.totals
+            finish = None if rows.finish_once else self._prepared()["request"]
+            if claims:
+                statements = self._writer.statements.claims(run_id, claims, utcnow()) + statements
+
+            def record(conn: sqlite3.Connection) -> dict[str, tuple[int, int | None, int | None]]:
+                for sql, params in statements:
+                    conn.execute(sql, params)
+                if finish is not None:  # a request twice in the batch: row by row
+                    conn.executemany(finish.sql, finish.params(rows.requests))
+                if not again:
+                    return {}
+                found = conn.execute(totals_sql, (run_id, orjson.dumps(again).decode())).fetchall()
+                return {cid: (n, cost, reported) for cid, n, cost, reported in found}
+
+            return Recorded(set(), await self._write(record))
         async with self._conn() as conn:
+            if claims:
+                await _claim(conn, run_id, claims)
             kept: set[str] = set()
             if owner is not None:
-                kept = await _reconcile(conn, run_id, attempt_rows, completion_rows, request_rows, outcomes)
-            for name, rows in (
-                ("attempt", attempt_rows),
-                ("completion", completion_rows),
-                ("request", request_rows),
+                # Locks in the order every transaction of the workers takes them: the run's row
+                # (claim_budget), the worker's (its heartbeat), then requests. Taking requests
+                # first, then the worker's row at the end (_release_recorded) met the heartbeat
+                # halfway, and the second update of a request checks its run's key, which met
+                # claim_budget: PostgreSQL broke those deadlocks by failing the batch.
+                await conn.execute(text("SELECT 1 FROM run WHERE run_id = :r FOR KEY SHARE"), {"r": run_id})
+                await conn.execute(text("SELECT 1 FROM worker WHERE worker_id = :w FOR UPDATE"), {"w": owner})
+                kept, shifted = await _reconcile(
+                    conn, run_id, rows.attempts, rows.completions, rows.requests, outcomes
+                )
+                again += [cid for cid in shifted if cid not in again]
+            prepared = self._prepared()
+            for name, batch in (
+                ("attempt", rows.attempts),
+                ("completion", rows.completions),
+                ("request", rows.requests),
             ):
-                if rows:
-                    await conn.exec_driver_sql(prepared[name].sql, prepared[name].params(rows))
+                if batch:
+                    await conn.exec_driver_sql(prepared[name].sql, prepared[name].params(batch))
+            totals = await _request_totals(conn, run_id, again) if again else {}
             if owner is not None:
                 await _release_recorded(conn, run_id, owner, outcomes)
-        return kept
+        return Recorded(kept, totals)
 
     def _prepared(self) -> dict[str, Prepared]:
         """record_outcomes' three statements, compiled once for this database."""
@@ -343,37 +436,29 @@ class Store:
         self, run_id: str, *, states: Sequence[str] | None = None, page: int = 2000
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """Pages of one row per request (final attempt, completion, usage), in input order."""
+        async for keys, rows in self._result_rows(_RESULT_ROW, run_id, states, page):
+            yield [dict(zip(keys, row, strict=True)) for row in rows]
+
+    async def result_pages(
+        self, run_id: str, *, states: Sequence[str] | None = None, page: int = 2000
+    ) -> AsyncIterator[dict[str, Sequence[Any]]]:
+        """The rows of :meth:`iter_results` that results.parquet holds, a page at a time as
+        columns (name: values), in input order; without the raw body and the HTTP details."""
+        async for keys, rows in self._result_rows(_RESULT_COLUMNS, run_id, states, page):
+            yield dict(zip(keys, zip(*rows, strict=True), strict=True))
+
+    async def result_records(
+        self, run_id: str, *, states: Sequence[str] | None = None, page: int = 2000
+    ) -> AsyncIterator[list[str | None]]:
+        """The input records (JSON text) of the same rows, in the same pages."""
+        async for _, rows in self._result_rows((request.c.seq, request.c.record), run_id, states, page):
+            yield [r[1] for r in rows]
+
+    async def _result_rows(
+        self, cols: Sequence[Any], run_id: str, states: Sequence[str] | None, page: int
+    ) -> AsyncIterator[tuple[list[str], Sequence[Any]]]:
+        """Pages of rows of the request / final attempt / completion join, by seq (cols[0])."""
         a, c, r = attempt, completion, request
-        cols = [
-            r.c.seq,
-            r.c.custom_id,
-            r.c.state,
-            r.c.attempts,
-            r.c.error,
-            r.c.record,
-            r.c.cost_picousd,
-            r.c.reported_cost_picousd,
-            a.c.endpoint,
-            a.c.model,
-            a.c.http_status,
-            a.c.provider_request_id,
-            a.c.error_class,
-            a.c.prompt_tokens,
-            a.c.completion_tokens,
-            a.c.total_tokens,
-            a.c.cached_tokens,
-            a.c.reasoning_tokens,
-            c.c.response_id,
-            c.c.model.label("response_model"),
-            c.c.finish_reason,
-            c.c.content,
-            c.c.reasoning,
-            c.c.refusal,
-            c.c.tool_calls,
-            c.c.raw,
-            c.c.parsed,
-            c.c.choices_json,
-        ]
         joined = r.outerjoin(
             a,
             and_(
@@ -398,11 +483,11 @@ class Store:
             async with self._conn(write=False) as conn:
                 result = await conn.execute(q)
                 keys = list(result.keys())
-                rows = [dict(zip(keys, row, strict=True)) for row in result.all()]
+                rows = result.all()
             if not rows:
                 return
-            yield rows
-            after = rows[-1]["seq"]
+            yield keys, rows
+            after = rows[-1][0]
 
     async def execute_text(
         self, sql: str | TextClause, params: Mapping[str, Any] | None = None
@@ -634,6 +719,42 @@ class Store:
         return float(now), float(cooldown), lrpm, ltpm
 
 
+# The columns of the result rows (Store.iter_results; seq first, the paging key).
+_RESULT_COLUMNS = (
+    request.c.seq,
+    request.c.custom_id,
+    request.c.state,
+    request.c.attempts,
+    request.c.error,
+    request.c.record,
+    request.c.cost_picousd,
+    request.c.reported_cost_picousd,
+    attempt.c.endpoint,
+    attempt.c.model,
+    attempt.c.prompt_tokens,
+    attempt.c.completion_tokens,
+    attempt.c.total_tokens,
+    attempt.c.cached_tokens,
+    attempt.c.reasoning_tokens,
+    completion.c.response_id,
+    completion.c.model.label("response_model"),
+    completion.c.finish_reason,
+    completion.c.content,
+    completion.c.reasoning,
+    completion.c.refusal,
+    completion.c.tool_calls,
+    completion.c.parsed,
+    completion.c.choices_json,
+)
+# ... and those a JSONL export needs too.
+_RESULT_ROW = (
+    *_RESULT_COLUMNS,
+    attempt.c.http_status,
+    attempt.c.provider_request_id,
+    attempt.c.error_class,
+    completion.c.raw,
+)
+
 # The database's clock (PostgreSQL): naive UTC like every time column, and epoch seconds.
 _DB_NOW = "(clock_timestamp() AT TIME ZONE 'utc')"
 _DB_EPOCH = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS double precision)"
@@ -646,13 +767,14 @@ async def _reconcile(
     completion_rows: list[tuple[Any, ...]],
     request_rows: list[tuple[Any, ...]],
     outcomes: Sequence[Outcome],
-) -> set[str]:
+) -> tuple[set[str], set[str]]:
     """Workers share the run: make a batch fit what other workers recorded meanwhile.
 
     A worker whose lease ran out (it stalled) may finish a request that another worker also
     sent. Both attempts were paid, so both are kept, numbered after what is already there;
     a success already recorded stays the request's answer. Rows are locked in key order.
     Rows are the tuples of ``_ATTEMPT_KEYS``, ``_COMPLETION_KEYS`` and ``_FINISH_KEYS``.
+    Returns the requests another worker answered first, and those whose attempts were renumbered.
     """
     ids = sorted(o.custom_id for o in outcomes)
     q = text(
@@ -678,7 +800,38 @@ async def _reconcile(
             for i, r in enumerate(rows):
                 if r[1] in shift:
                     rows[i] = (*r[:2], r[2] + shift[r[1]], *r[3:])
-    return kept
+    return kept, set(shift)
+
+
+async def _request_totals(
+    conn: AsyncConnection, run_id: str, custom_ids: Sequence[str]
+) -> dict[str, tuple[int, int | None, int | None]]:
+    """(attempts, cost_picousd, reported_cost_picousd) of requests, as the database sums them."""
+    out: dict[str, tuple[int, int | None, int | None]] = {}
+    for chunk in chunked(custom_ids, 500):
+        q = select(
+            request.c.custom_id, request.c.attempts, request.c.cost_picousd, request.c.reported_cost_picousd
+        )
+        q = q.where(request.c.run_id == run_id, request.c.custom_id.in_(chunk))
+        for cid, n, cost, reported in (await conn.execute(q)).all():
+            out[cid] = (n, cost, reported)
+    return out
+
+
+async def _claim(conn: AsyncConnection, run_id: str, pages: Sequence[tuple[Sequence[str], bool]]) -> None:
+    """Store.claim_pages' statements, the plain SQLAlchemy way."""
+    now = utcnow()
+    for ids, release in pages:
+        if release:
+            values: dict[str, Any] = {"state": "pending", "claimed_at": None}
+            current: str | None = "in_flight"
+        else:
+            values, current = {"state": "in_flight", "claimed_at": now}, None
+        for chunk in chunked(ids, 500):
+            q = update(request).where(request.c.run_id == run_id, request.c.custom_id.in_(chunk))
+            if current is not None:
+                q = q.where(request.c.state == current)
+            await conn.execute(q.values(**values))
 
 
 async def _ensure_rate_slot(conn: AsyncConnection, route_key: str) -> None:
@@ -755,6 +908,260 @@ _FINISH_KEYS = (
 _STATE, _FINAL, _ERROR = (_FINISH_KEYS.index(k) for k in ("b_state", "b_final", "b_error"))
 
 
+@dataclass(slots=True)
+class OutcomeRows:
+    """A batch of outcomes as the rows it writes (tuples of ``_ATTEMPT_KEYS``,
+    ``_COMPLETION_KEYS``, ``_FINISH_KEYS``), built before its transaction."""
+
+    run_id: str
+    outcomes: Sequence[Outcome]
+    owner: str | None
+    attempts: list[tuple[Any, ...]]
+    completions: list[tuple[Any, ...]]
+    requests: list[tuple[Any, ...]]
+    # SQLite: the statements, built with the rows (see _SqliteStatements.outcomes)
+    statements: list[tuple[str, list[Any]]] | None = None
+    finish_once: bool = True  # every request once: the requests' UPDATE is in ``statements``
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What committing a batch found: requests another worker had answered first (their state
+    is kept), and the database's (attempts, cost_picousd, reported_cost_picousd) of requests
+    that earlier sessions or other workers had attempted too."""
+
+    kept: set[str]
+    totals: dict[str, tuple[int, int | None, int | None]]
+
+
+class _SqliteStatements:
+    """The recorder's statements on SQLite, many rows per statement (see :class:`Rows`)."""
+
+    def __init__(self, dialect: Any) -> None:
+        probe = sqlite3.connect(":memory:")
+        try:
+            limit = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        finally:
+            probe.close()
+        process = DateTime().dialect_impl(dialect).bind_processor(dialect)
+        assert process is not None  # SQLite keeps datetimes as text
+
+        def stamp(value: Any) -> Any:
+            """SQLAlchemy's SQLite text of a datetime ("YYYY-MM-DD HH:MM:SS.ffffff")."""
+            if value.__class__ is datetime and value.tzinfo is None:
+                return value.isoformat(" ", "microseconds")
+            return None if value is None else process(value)
+
+        def stamp_all(values: Sequence[Any]) -> list[Any]:
+            """``stamp`` of each value, in C loops when it can."""
+            if values.count(values[0]) == len(values):  # one value (a batch's finishing time)
+                return [stamp(values[0])] * len(values)
+            if set(map(type, values)) == {datetime}:
+                out = list(map(_ISO, values))
+                if max(map(len, out)) == 26:  # naive, all of them (an offset makes it longer)
+                    return out
+            distinct = set(values)
+            text = {v: stamp(v) for v in distinct}
+            return list(map(text.__getitem__, values))
+
+        def rows_for(width: int) -> int:
+            """Rows per statement: a power of two, at most 1,024 and ~20,000 parameters (a
+            compiled statement takes ~140 bytes per parameter, and the driver caches them)."""
+            n = 1
+            while n * 2 <= 1024 and n * 2 * width <= min(limit, 20_000):
+                n *= 2
+            return n
+
+        self.stamp: Callable[[Any], Any] = stamp
+        self.stamp_all: Callable[[Sequence[Any]], list[Any]] = stamp_all
+        self.attempt = Rows(
+            f"INSERT INTO attempt ({', '.join(_ATTEMPT_KEYS)}) VALUES {{values}}",
+            len(_ATTEMPT_KEYS),
+            max_rows=rows_for(len(_ATTEMPT_KEYS)),
+            stamps=[_ATTEMPT_KEYS.index("started_at")],
+            stamp=stamp_all,
+        )
+        self.completion = Rows(
+            f"INSERT INTO completion ({', '.join(_COMPLETION_KEYS)}) VALUES {{values}}",
+            len(_COMPLETION_KEYS),
+            max_rows=rows_for(len(_COMPLETION_KEYS)),
+        )
+        # _FINISH, for many rows: v.column1 .. v.column9 are the values of _FINISH_KEYS
+        v = {k: f"v.column{i + 1}" for i, k in enumerate(_FINISH_KEYS)}
+        self.finish = Rows(
+            "UPDATE request SET "
+            f"state = {v['b_state']}, attempts = request.attempts + {v['b_n']}, "
+            f"final_attempt_no = coalesce({v['b_final']}, request.final_attempt_no), "
+            f"error = {v['b_error']}, "
+            f"cost_picousd = CASE WHEN {v['b_cost']} IS NULL THEN request.cost_picousd "
+            f"ELSE coalesce(request.cost_picousd, 0) + {v['b_cost']} END, "
+            f"reported_cost_picousd = CASE WHEN {v['b_reported']} IS NULL THEN request.reported_cost_picousd "
+            f"ELSE coalesce(request.reported_cost_picousd, 0) + {v['b_reported']} END, "
+            f"finished_at = {v['b_finished']} "
+            "FROM (VALUES {values}) AS v "
+            f"WHERE request.run_id = {v['b_run_id']} AND request.custom_id = {v['b_custom_id']}",
+            len(_FINISH_KEYS),
+            max_rows=rows_for(len(_FINISH_KEYS)),
+            stamps=[_FINISH_KEYS.index("b_finished")],
+            stamp=stamp_all,
+        )
+
+    # Store.write_outcomes' read-back of the sums of requests attempted before
+    totals = (
+        "SELECT custom_id, attempts, cost_picousd, reported_cost_picousd FROM request "
+        "WHERE run_id = ? AND custom_id IN (SELECT value FROM json_each(?))"
+    )
+
+    def outcomes(self, rows: OutcomeRows) -> list[tuple[str, list[Any]]]:
+        """The statements that write a batch (sets ``rows.finish_once``)."""
+        statements = self.attempt.chunks(rows.attempts) + self.completion.chunks(rows.completions)
+        # UPDATE ... FROM takes one source row per request: a request twice in a batch (never
+        # seen, but possible in principle) goes row by row (Store.write_outcomes)
+        rows.finish_once = len({r[1] for r in rows.requests}) == len(rows.requests)
+        if rows.finish_once:
+            statements += self.finish.chunks(rows.requests)
+        return statements
+
+    def claims(
+        self, run_id: str, pages: Sequence[tuple[Sequence[str], bool]], now: datetime
+    ) -> list[tuple[str, Any]]:
+        """The statements of claim pages: consecutive pages of one kind in one statement."""
+        merged: list[tuple[list[str], bool]] = []
+        for ids, release in pages:
+            if merged and merged[-1][1] == release:
+                merged[-1][0].extend(ids)
+            else:
+                merged.append((list(ids), release))
+        return [self.claim(run_id, ids, release, now) for ids, release in merged]
+
+    def claim(
+        self, run_id: str, custom_ids: Sequence[str], release: bool, now: datetime
+    ) -> tuple[str, tuple[Any, ...]]:
+        """Store.claim's statement for any number of requests: their ids as one JSON array."""
+        ids = orjson.dumps(list(custom_ids)).decode()
+        if release:
+            return (
+                # +state: found by their ids, not among all requests in flight (SQLite's planner)
+                "UPDATE request SET state = 'pending', claimed_at = NULL WHERE run_id = ? "
+                "AND +state = 'in_flight' AND custom_id IN (SELECT value FROM json_each(?))",
+                (run_id, ids),
+            )
+        return (
+            "UPDATE request SET state = 'in_flight', claimed_at = ? WHERE run_id = ? "
+            "AND custom_id IN (SELECT value FROM json_each(?))",
+            (self.stamp(now), run_id, ids),
+        )
+
+
+class _SqliteWriter:
+    """The connection the recorder's transactions use on a SQLite file, apart from the pool.
+
+    A whole transaction is one call in a worker thread (``run``): a thread that runs Python
+    takes the GIL back each time SQLite gives it up (after each statement), and while the event
+    loop is busy it waits up to a switch interval each time, so a transaction costs as few
+    trips as it can: one thread hop, one statement per chunk of rows, no pool checkout or
+    reset. Transactions are ``BEGIN IMMEDIATE`` (the write lock first, waiting for it as the
+    pool's connections do) and never stay open across an await, so the pool's connections
+    (reads, setup writes) wait at most one transaction for it.
+
+    The WAL is copied into the database file (checkpointed) by a thread of its own after each
+    commit, while the next transaction is written: in the committing thread, as SQLite does by
+    default, it took a fifth of the recorder's time in SQLite (``bench/recorder.py``).
+    """
+
+    def __init__(self, statements: _SqliteStatements, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        self.statements = statements
+        self._args = list(args)
+        # the driver keeps compiled statements (up to ~3 MB each): 32 hold the shapes of a few
+        # kinds of batch
+        self._kwargs = {
+            "cached_statements": 32,
+            **kwargs,
+            "isolation_level": None,
+            "check_same_thread": False,
+        }
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+        self._checkpoints = _Checkpointer(self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection = sqlite3.connect(*self._args, **self._kwargs)
+        _sqlite_pragmas(conn, None)
+        return conn
+
+    async def run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        def transaction() -> _T:
+            conn = self._conn
+            if conn is None:
+                conn = self._conn = self._connect()
+            # the checkpoints' thread copies the WAL; if it stopped, SQLite does it again
+            conn.execute(f"PRAGMA wal_autocheckpoint={0 if self._checkpoints.working else 1000}")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self._checkpoints.nudge()
+            return result
+
+        return await anyio.to_thread.run_sync(transaction, limiter=self._limiter)
+
+    def close(self) -> None:
+        self._checkpoints.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class _Checkpointer:
+    """A thread with its own connection that checkpoints the WAL (PASSIVE: it never blocks
+    the writer) each time it is nudged after a commit. It starts with the first nudge; an
+    error stops it (``working`` turns False) and leaves the checkpoints to SQLite."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._due = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.working = True
+
+    def nudge(self) -> None:
+        if not self.working:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="pipeline-wal-checkpoints", daemon=True)
+            self._thread.start()
+        self._due.set()
+
+    def _loop(self) -> None:
+        try:
+            conn = self._connect()
+        except sqlite3.Error:
+            self.working = False
+            return
+        try:
+            while True:
+                self._due.wait()
+                if self._stopping:
+                    return
+                self._due.clear()
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            self.working = False  # e.g. the disk is full: the writer's own commit will say so
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stopping = True
+            self._due.set()
+            self._thread.join()
+            self._thread = None
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -767,6 +1174,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 _ATTEMPT_KEYS = (
     "run_id",
     "custom_id",
+    # the Attempt's own fields, by their names (_ATTEMPT_FIELDS)
     "attempt_no",
     "endpoint",
     "base_url",
@@ -780,6 +1188,15 @@ _ATTEMPT_KEYS = (
     "retry_after_s",
     "wait_s",
     "provider_request_id",
+    "cost_picousd",
+    "cost_source",
+    "cost_note",
+    "stream",
+    "ttft_ms",
+    "ttlt_ms",
+    "output_tokens_per_s",
+    "partial",
+    # from its usage
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
@@ -792,70 +1209,41 @@ _ATTEMPT_KEYS = (
     "rejected_prediction_tokens",
     "usage_estimated",
     "usage_json",
-    "cost_picousd",
-    "cost_source",
-    "cost_note",
     "reported_cost_picousd",
     "upstream_cost_picousd",
-    "stream",
-    "ttft_ms",
-    "ttlt_ms",
-    "output_tokens_per_s",
-    "partial",
 )
-_NO_USAGE = (None,) * 12  # prompt_tokens .. usage_json
+_ATTEMPT_FIELDS = attrgetter(*_ATTEMPT_KEYS[2:23])  # one C call for the 21 of them
+_USAGE_COUNTS = attrgetter(
+    "prompt",
+    "completion",
+    "total",
+    "cached",
+    "cache_write",
+    "reasoning",
+    "audio_prompt",
+    "audio_completion",
+    "accepted_prediction",
+    "rejected_prediction",
+    "estimated",
+)
+_NO_USAGE = (None,) * 14  # prompt_tokens .. upstream_cost_picousd
 
 
 def _attempt_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
     u = a.usage
-    rc = up = None
     if u is None:
-        usage: tuple[Any, ...] = _NO_USAGE
-    else:
-        if u.reported_cost is not None or u.upstream_cost is not None:
-            rc = None if u.reported_cost is None else picousd(u.reported_cost)
-            up = None if u.upstream_cost is None else picousd(u.upstream_cost)
-        usage = (
-            u.prompt,
-            u.completion,
-            u.total,
-            u.cached,
-            u.cache_write,
-            u.reasoning,
-            u.audio_prompt,
-            u.audio_completion,
-            u.accepted_prediction,
-            u.rejected_prediction,
-            u.estimated,
-            None if u.raw is None else orjson.dumps(u.raw).decode(),
-        )
+        return (run_id, custom_id, *_ATTEMPT_FIELDS(a), *_NO_USAGE)
+    rc = u.reported_cost
+    up = u.upstream_cost
+    raw = u.raw
     return (
         run_id,
         custom_id,
-        a.attempt_no,
-        a.endpoint,
-        a.base_url,
-        a.model,
-        a.started_at,
-        a.latency_ms,
-        a.http_status,
-        a.outcome,
-        a.error_class,
-        a.error_message,
-        a.retry_after_s,
-        a.wait_s,
-        a.provider_request_id,
-        *usage,
-        a.cost_picousd,
-        a.cost_source,
-        a.cost_note,
-        rc,
-        up,
-        a.stream,
-        a.ttft_ms,
-        a.ttlt_ms,
-        a.output_tokens_per_s,
-        a.partial,
+        *_ATTEMPT_FIELDS(a),
+        *_USAGE_COUNTS(u),
+        None if raw is None else orjson.dumps(raw).decode(),
+        None if rc is None else picousd(rc),
+        None if up is None else picousd(up),
     )
 
 
@@ -879,24 +1267,24 @@ _COMPLETION_KEYS = (
 )
 
 
+_COMPLETION_HEAD = attrgetter("response_id", "model", "provider", "system_fingerprint")
+_CHOICE = attrgetter("finish_reason", "content", "reasoning", "refusal")
+
+
 def _completion_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
     c = a.completion
     assert c is not None
-    first = c.first
+    choices = c.choices
+    first = choices[0]
+    calls = first.tool_calls
     return (
         run_id,
         custom_id,
         a.attempt_no,
-        c.response_id,
-        c.model,
-        c.provider,
-        c.system_fingerprint,
-        first.finish_reason,
-        first.content,
-        first.reasoning,
-        first.refusal,
-        None if first.tool_calls is None else orjson.dumps(first.tool_calls).decode(),
-        None if len(c.choices) < 2 else orjson.dumps([ch.to_dict() for ch in c.choices]).decode(),
+        *_COMPLETION_HEAD(c),
+        *_CHOICE(first),
+        None if calls is None else orjson.dumps(calls).decode(),
+        None if len(choices) < 2 else orjson.dumps([ch.to_dict() for ch in choices]).decode(),
         c.raw.decode("utf-8", "replace"),
         a.parsed,
         a.validation_error,

@@ -13,6 +13,7 @@ compiled statement's order. The SQL sent and the values stored are those of the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -21,7 +22,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-__all__ = ["Prepared"]
+__all__ = ["Prepared", "Rows"]
 
 
 class Prepared:
@@ -93,3 +94,81 @@ class Prepared:
             return out
         names = self._names
         return [dict(zip(names, values, strict=True)) for values in out]
+
+
+class Rows:
+    """A statement over many rows at once, for SQLite: ``template`` holds ``{values}`` where a
+    ``VALUES`` list of up to ``max_rows`` rows goes (an ``INSERT``, or an ``UPDATE ... FROM``).
+
+    ``executemany`` releases and takes back the GIL once per row (the bindings are Python work
+    between two ``sqlite3_step``), so while the event loop is busy SQLite's thread waits for the
+    GIL up to a switch interval (5 ms) per row. One statement binds all its rows at once, then
+    SQLite works on them with the GIL released. Rows go in chunks of a power of two, so that
+    few distinct statements exist, each compiled once and kept in the driver's statement cache;
+    a column NULL in every row of a chunk is written as a NULL literal (Python's sqlite3 binds
+    a None at several times the cost of a number). The values stored are those the bound
+    parameters would give.
+
+    ``stamps``: the positions of datetime columns; ``stamp`` turns a chunk's values of one
+    into SQLAlchemy's SQLite text.
+    """
+
+    def __init__(
+        self,
+        template: str,
+        width: int,
+        *,
+        max_rows: int,
+        stamps: Sequence[int] = (),
+        stamp: Callable[[Sequence[Any]], list[Any]] | None = None,
+    ) -> None:
+        if max_rows < 1 or max_rows & (max_rows - 1):
+            raise ValueError("max_rows must be a power of two")
+        if stamps and stamp is None:
+            raise ValueError("datetime columns need a stamp function")
+        self.template = template
+        self.width = width
+        self.max_rows = max_rows
+        self._stamps = tuple(stamps)
+        self._stamp = stamp
+        self._sql: dict[tuple[int, tuple[int, ...]], str] = {}
+
+    def chunks(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
+        """(SQL, parameters) per chunk, covering ``rows`` in order."""
+        out = []
+        width = self.width
+        size, i, n = self.max_rows, 0, len(rows)
+        while i < n:
+            while size > n - i:
+                size //= 2
+            chunk = rows[i : i + size]
+            i += size
+            params = list(chain.from_iterable(chunk))
+            if len(params) != size * width:
+                raise ValueError(f"rows of {width} values expected")
+            # NULL in every row: the first row's value is (most columns stop there) and all are
+            first = chunk[0]
+            nulls = [k for k in range(width) if first[k] is None and params[k::width].count(None) == size]
+            kept: Sequence[int] = range(width)
+            if nulls:
+                kept = [k for k in range(width) if k not in nulls]
+                params = list(chain.from_iterable(map(itemgetter(*kept), chunk))) if kept else []
+            step = len(kept)
+            for k in self._stamps:
+                if k in kept:
+                    assert self._stamp is not None
+                    at = kept.index(k)
+                    params[at::step] = self._stamp(params[at::step])
+            key = (size, tuple(nulls))
+            sql = self._sql.get(key) or self._compose(key)
+            out.append((sql, params))
+        return out
+
+    def _compose(self, key: tuple[int, tuple[int, ...]]) -> str:
+        size, nulls = key
+        row = "(" + ",".join("NULL" if k in nulls else "?" for k in range(self.width)) + ")"
+        sql = self.template.format(values=",".join([row] * size))
+        if len(self._sql) >= 256:  # shapes come and go with the kinds of outcome; keep a few
+            self._sql.clear()
+        self._sql[key] = sql
+        return sql

@@ -137,7 +137,6 @@ attempt = Table(
     Column("partial", Boolean),  # the completion is what arrived before a stream broke
     PrimaryKeyConstraint("run_id", "custom_id", "attempt_no"),
     ForeignKeyConstraint(["run_id", "custom_id"], ["request.run_id", "request.custom_id"]),
-    Index(None, "started_at"),
 )
 
 completion = Table(
