@@ -414,16 +414,23 @@ class PartWriter:
     def due(self) -> bool:
         return self._rows >= self.part_rows
 
-    async def flush(self) -> None:
-        """Write what is buffered as one part file (the file is written off the event loop)."""
+    def take(self) -> pa.Table | None:
+        """What is buffered, as the table its part file would hold, taken out of the buffer
+        (for the end of a session: consolidated at once, never written as a part)."""
         if not self._pending:
-            return
+            return None
         pending, self._pending, self._rows = self._pending, [], 0
         recs = _parsed([r for rows in pending for r in rows.records])
         if recs:
             self._typer.observe(recs)
         results = [pa.chunked_array([rows.arrays[i] for rows in pending]) for i in range(len(RESULT_SCHEMA))]
-        table = _assemble(results, recs, self._typer)
+        return _assemble(results, recs, self._typer)
+
+    async def flush(self) -> None:
+        """Write what is buffered as one part file (the file is written off the event loop)."""
+        table = self.take()
+        if table is None:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"part-{self._next:05d}.parquet"
         tmp = self.folder / f".part-{self._next:05d}.parquet.tmp"
@@ -445,11 +452,16 @@ _SCALAR = (pa.null(), pa.bool_(), pa.int64(), pa.float64(), pa.string())
 
 
 def consolidate(
-    pieces: Sequence[Path], path: Path, expect: Mapping[str, int], *, max_bytes: int = CONSOLIDATE_MAX_BYTES
+    pieces: Sequence[Path | pa.Table],
+    path: Path,
+    expect: Mapping[str, int],
+    *,
+    max_bytes: int = CONSOLIDATE_MAX_BYTES,
 ) -> int | None:
     """Write the rows of result files (``pieces``: this session's parts, and the
-    results.parquet of earlier sessions) as one file at ``path``, in input order, atomically;
-    returns its rows. The file is the one the database rebuild would write for the same rows.
+    results.parquet of earlier sessions; or tables of such rows, see :meth:`PartWriter.take`)
+    as one file at ``path``, in input order, atomically; returns its rows. The file is the one
+    the database rebuild would write for the same rows.
 
     Returns None and writes nothing when the pieces cannot be trusted to be that file: they do
     not hold exactly ``expect`` (rows per state: the database's counts) with each request once;
@@ -458,19 +470,20 @@ def consolidate(
     ``max_bytes`` (in memory at once, where the rebuild streams).
     """
     try:
-        files = [pq.ParquetFile(p) for p in pieces]
+        files = [pq.ParquetFile(p) for p in pieces if not isinstance(p, pa.Table)]
     except (OSError, pa.ArrowInvalid):
         return None
     files = [f for f in files if f.metadata.num_rows]
+    held = [p for p in pieces if isinstance(p, pa.Table) and p.num_rows]
     want = sum(expect.values())
-    if not want or sum(f.metadata.num_rows for f in files) != want:
+    if not want or sum(f.metadata.num_rows for f in files) + sum(t.num_rows for t in held) != want:
         return None
     size = sum(
         f.metadata.row_group(i).total_byte_size for f in files for i in range(f.metadata.num_row_groups)
-    )
+    ) + sum(t.nbytes for t in held)
     if size > max_bytes:
         return None
-    tables = [f.read() for f in files]
+    tables = [f.read() for f in files] + held
     schema = _common_schema([t.schema for t in tables])
     if schema is None:
         return None

@@ -72,8 +72,11 @@ class Recorder:
         batch_size: int = 1024,
         max_delay: float = 0.2,
         owner: str | None = None,
+        flush_at_end: bool = True,
     ) -> None:
         self.store = store
+        # False: the session consolidates what is still buffered itself (PartWriter.take)
+        self.flush_at_end = flush_at_end
         self.owner = owner  # the worker's id, when several workers share the run
         self.run_id = run_id
         self.parts = parts
@@ -107,7 +110,7 @@ class Recorder:
         finally:
             for claim in self._claims:  # never committed: the recorder failed
                 claim.done.set()
-        if self.parts is not None:
+        if self.parts is not None and self.flush_at_end:
             await self.parts.flush()
 
     # -- gathering (the stream's side) -------------------------------------------------------
@@ -226,9 +229,12 @@ class Recorder:
                     counters.tokens += a.usage.total
                 if a.cost_picousd is not None:
                     counters.cost_picousd += a.cost_picousd
-        if self.parts is not None and results is not None and self.parts.add(results) and not self._flushing:
-            self._flushing = True
-            tg.start_soon(self._flush_parts)
+        if self.parts is None or results is None or not self.parts.add(results) or self._flushing:
+            return
+        if self._ended and not self.flush_at_end:
+            return  # the last batch: the session takes what is buffered (PartWriter.take)
+        self._flushing = True
+        tg.start_soon(self._flush_parts)
 
     async def _flush_parts(self) -> None:
         """Write due parts in the background (one at a time), while batches go on committing."""

@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 import httpx
 import orjson
+import pyarrow as pa
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.client import ChatClient
@@ -323,7 +324,12 @@ async def _session(
     before = await store.state_counts(run_id)
     counters = Counters(total=sum(before.get(s, 0) for s in states))
     recorder = Recorder(
-        store, run_id, parts=parts, counters=counters, owner=lease.worker_id if lease else None
+        store,
+        run_id,
+        parts=parts,
+        counters=counters,
+        owner=lease.worker_id if lease else None,
+        flush_at_end=lease is not None,  # alone on the run, _final_results takes the last rows
     )
     await store.update_run(run_id, state="running", started_at=utcnow(), error=None)
     who = f" as worker {lease.worker_id}" if lease else ""
@@ -735,11 +741,16 @@ async def _dispatch(
         await control.send(c)
         await c.done.wait()
 
+    pages = [min(page_size, max(50, n_workers))]  # the size of the next page
+
     async def next_page(after: int) -> list[tuple[Any, ...]] | None:
         """Claimed requests to send next, or None when the run has none left for us."""
         if plan.lease is None:
-            # The first page is one round of the workers, so that sending starts at once.
-            size = page_size if after >= 0 else min(page_size, max(50, n_workers))
+            # The first page is one round of the workers, so that sending starts at once, and
+            # pages double up to page_size: a large page read while the first connections
+            # open would hold their answers up.
+            size = pages[0]
+            pages[0] = min(page_size, size * 2)
             page = await store.pending_page(plan.run_id, after, size, plan.states)
             if not page or not worker.may_dispatch():
                 return None
@@ -931,7 +942,10 @@ async def _final_results(
     again (outputs.consolidate checks the rows against the database's counts). The database
     rebuild when they cannot be trusted to be that file."""
     path = out_dir / "results.parquet"
-    pieces = ([path] if before else []) + parts.files
+    last = parts.take()  # the rows not written as a part yet: consolidated from memory
+    pieces: list[Path | pa.Table] = [*([path] if before else []), *parts.files]
+    if last is not None:
+        pieces.append(last)
     expect = {s: counts.get(s, 0) for s in FINAL_STATES}
     if await anyio.to_thread.run_sync(consolidate, pieces, path, expect) is None:
         await _write_results(store, run_id, out_dir, keep, FINAL_STATES, records)
