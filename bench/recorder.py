@@ -11,8 +11,9 @@ workers run (``pipeline.collector``). Three variants:
 
 * ``outcomes``: SQLite only (no Parquet part writer);
 * ``+ parts``: with the Parquet part writer of a real run (a part file every 10,000 rows);
-* ``+ parts + claims/64``: a ``Claim`` of the next 64 ids before every 64 outcomes, as the
-  real feeder does at 64 concurrent (write-ahead).
+* ``+ parts + claims/256``: a ``Claim`` of the next page of ids before every page of outcomes,
+  as the real feeder does at 64 concurrent (write-ahead; a page is four rounds of the workers,
+  ``pipeline.run._page_size``: 256).
 
 Printed: outcomes/s; commits (transactions with outcomes: ``Store.write_outcomes``) and ms per
 commit (the time inside it, claims that came meanwhile included); claims sent, and how many
@@ -55,11 +56,13 @@ from pipeline.collector import fewer_collections
 from pipeline.outputs import PartWriter
 from pipeline.progress import Counters
 from pipeline.recorder import Claim, Recorder
+from pipeline.run import _page_size
 from pipeline.records import Attempt, Choice, Completion, Outcome, Usage
 from pipeline.store.db import Store, utcnow
 
 RUN_ID: Final = "bench"
-PAGE: Final = 64  # the feeder's page at 64 concurrent: max(50, min(1000, workers))
+WORKERS: Final = 64  # a run at 64 concurrent
+PAGE: Final = _page_size(WORKERS, [0])  # the feeder's claims at 64 concurrent (four rounds: 256)
 STREAM_BUFFER: Final = 128  # run.py: n_workers * 2
 LOAD_BATCH: Final = 1000  # run.py: SUBMIT_BATCH
 T = TypeVar("T")
