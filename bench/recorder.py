@@ -56,8 +56,8 @@ from pipeline.collector import fewer_collections
 from pipeline.outputs import PartWriter
 from pipeline.progress import Counters
 from pipeline.recorder import Claim, Recorder
-from pipeline.run import _page_size
 from pipeline.records import Attempt, Choice, Completion, Outcome, Usage
+from pipeline.run import _page_size
 from pipeline.store.db import Store, utcnow
 
 RUN_ID: Final = "bench"

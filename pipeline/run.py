@@ -881,6 +881,9 @@ async def _dispatch(
             if handle_signals:
                 outer.start_soon(watch_signals, dispatch.cancel_scope, outer)
             dispatch.start_soon(feeder, task_send)
+            # The feeder asks for its first page (and the recorder gets ready) while the
+            # workers are made: a thousand of them take a few milliseconds.
+            await anyio.lowlevel.checkpoint()
             async with task_recv, out_send:
                 for _ in range(n_workers):
                     dispatch.start_soon(work, task_recv.clone(), out_send.clone())

@@ -45,3 +45,32 @@ def test_help_lists_every_command_without_secrets() -> None:
     assert proc.returncode == 0
     for command in ("run", "status", "report", "export", "mock-server", "db"):
         assert command in proc.stdout
+
+
+EXIT_PROBE = """
+import atexit, pathlib, sys, threading, time
+from pipeline.cli import entry
+marks = pathlib.Path(sys.argv[1])
+atexit.register(lambda: (marks / "atexit").write_text("ran"))
+if sys.argv[2] == "thread":  # still working when the command is done: it must finish
+    threading.Thread(target=lambda: (time.sleep(1.5), (marks / "thread").write_text("done"))).start()
+sys.stdout.write("x" * 1_000_000)  # buffered: it must reach the pipe
+sys.argv = ["pipeline", "run", "--input", str(marks / "missing.jsonl"), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]
+entry()
+"""
+
+
+def test_the_command_ends_with_its_status_its_output_and_its_exit_handlers(tmp_path: Path) -> None:
+    """`pipeline` skips the interpreter's teardown (pipeline.cli.entry), not what exiting does:
+    the status, buffered output and atexit handlers; with a thread still at work it waits for it."""
+    for mode in ("alone", "thread"):
+        marks = tmp_path / mode
+        marks.mkdir()
+        proc = subprocess.run(
+            [sys.executable, "-c", EXIT_PROBE, str(marks), mode], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == "x" * 1_000_000
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert (marks / "atexit").read_text() == "ran"
+        assert (marks / "thread").exists() == (mode == "thread")
