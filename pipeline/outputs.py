@@ -84,8 +84,10 @@ _FROM_DB = {
 }
 
 # A consolidated results.parquet is built in memory: above this much data (uncompressed, as
-# the files' metadata say) the database rebuild, which streams, is used instead.
-CONSOLIDATE_MAX_BYTES = 32 * 1024 * 1024
+# the files' metadata say; ~1.5x that in memory, and the writing as much again) the database
+# rebuild, which streams, is used instead (bench/memory.py).
+CONSOLIDATE_MAX_BYTES = 16 * 1024 * 1024
+CONSOLIDATE_ROW_GROUP = 16_384  # rows put in input order, and written, at a time
 
 
 def _money(picousd: Sequence[int | None]) -> pa.Array:
@@ -487,9 +489,11 @@ def consolidate(
     schema = _common_schema([t.schema for t in tables])
     if schema is None:
         return None
+    # The pieces' chunks side by side (no copy), then written in input order a row group at
+    # a time: one sorted copy of the whole table took ~4x the data's size at once.
     table = pa.concat_tables([t if t.schema == schema else t.cast(schema) for t in tables])
-    table = table.take(pc.sort_indices(table["seq"]))
-    seq = table["seq"]
+    order = pc.sort_indices(table["seq"])
+    seq = table["seq"].take(order)
     if len(seq) > 1 and not pc.all(pc.greater(seq[1:], seq[:-1])).as_py():
         return None  # a request twice
     counts = {d["values"]: d["counts"] for d in pc.value_counts(table["state"]).to_pylist()}
@@ -497,7 +501,9 @@ def consolidate(
         return None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for start in range(0, len(order), CONSOLIDATE_ROW_GROUP):
+                writer.write_table(table.take(order.slice(start, CONSOLIDATE_ROW_GROUP)))
         _replace(tmp, path)
     finally:
         if tmp.exists():

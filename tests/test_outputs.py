@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import outputs
 from pipeline.outputs import PartWriter, consolidate, result_rows, write_parquet, write_results
 from pipeline.progress import Counters
 from pipeline.recorder import Recorder
@@ -104,11 +105,16 @@ def test_the_rebuild_by_columns_writes_the_file_of_the_rebuild_by_rows(
         assert fast.schema.field("score").type == pa.float64()  # ints and floats: floats
 
 
-def test_parts_and_earlier_results_consolidate_into_the_database_rebuild(workdir: Path, db: str) -> None:
+@pytest.mark.parametrize("row_group", [None, 7], ids=["one-row-group", "row-groups-of-7"])
+def test_parts_and_earlier_results_consolidate_into_the_database_rebuild(
+    workdir: Path, db: str, row_group: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A session resumed with --retry-failed: earlier sessions' answers (rebuilt from the
     database when it starts) and this session's parts (failed and unfinished requests answered
     again: their sums are the database's, read back) make the very file the database rebuild
-    writes."""
+    writes; put in input order and written a row group at a time, however many."""
+    if row_group is not None:
+        monkeypatch.setattr(outputs, "CONSOLIDATE_ROW_GROUP", row_group)
     every = outcomes.varied(600)
     earlier = every[:250]
     now = every[250:] + outcomes.again([o for o in earlier if o.state in ("failed", "pending")])
@@ -140,6 +146,8 @@ def test_parts_and_earlier_results_consolidate_into_the_database_rebuild(workdir
     assert n == ref.num_rows == _finished(every + now)
     assert got.schema == ref.schema
     assert got.equals(ref)
+    groups = pq.ParquetFile(out / "results.parquet").metadata.num_row_groups
+    assert groups == (1 if row_group is None else -(-n // row_group))
 
 
 def _piece(path: Path, rows: list[dict[str, Any]]) -> Path:
