@@ -375,6 +375,7 @@ def table(results: Sequence[Result]) -> str:
         "pipeline req/s",
         "ratio",
         "target",
+        "met",
         "CPU ms/req",
         "aiohttp CPU ms/req",
         "peak RSS MB",
@@ -392,8 +393,9 @@ def table(results: Sequence[Result]) -> str:
                 fmt(r.aiohttp.rps),
                 fmt(r.raw.rps),
                 fmt(r.run.rps),
-                fmt(r.ratio, ".2f") + "x",
+                fmt(r.ratio, ".3f") + "x",  # three places: 0.946 is not 0.95
                 f">= {s.target:g}x {versus}",
+                "-" if r.ratio is None else ("yes" if r.ratio >= s.target else "no"),
                 fmt(r.run.cpu_ms, ".2f"),
                 fmt(r.aiohttp.cpu_ms, ".2f"),
                 fmt(r.run.peak_rss_mb, ".0f"),

@@ -33,7 +33,15 @@ def _run_short(script: str) -> str:
 def test_pipeline_bench_short_prints_its_table() -> None:
     out = _run_short("throughput.py")
     header = next(line for line in out.splitlines() if line.startswith("scenario"))
-    for column in ("aiohttp req/s", "raw req/s", "pipeline req/s", "ratio", "CPU ms/req", "peak RSS MB"):
+    for column in (
+        "aiohttp req/s",
+        "raw req/s",
+        "pipeline req/s",
+        "ratio",
+        "met",
+        "CPU ms/req",
+        "peak RSS MB",
+    ):
         assert column in header
     assert "1: 0 ms" in out and "2: 20 ms" in out
     assert "pipeline --help:" in out
@@ -45,7 +53,7 @@ def test_recorder_bench_short_prints_its_table() -> None:
     header = next(line for line in out.splitlines() if line.startswith("variant"))
     for column in ("outcomes/s", "commits", "ms/commit", "claims"):
         assert column in header
-    assert "+ parts + claims/64" in out
+    assert "+ parts + claims/256" in out
 
 
 @pytest.mark.timeout(120)
