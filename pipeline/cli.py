@@ -111,9 +111,8 @@ def _arrow_memory_pool() -> None:
     """Arrow's buffers from jemalloc (on Linux, where pyarrow's wheels have it), unless
     ``ARROW_DEFAULT_MEMORY_POOL`` already names a pool. Set before pyarrow is imported: Arrow
     reads it once. pyarrow's default, mimalloc, keeps much of what the Parquet reader and
-    writers free: a run of 100,000 template rows held 205-220 MB while sending and peaked at
-    ~230 MB, against 175-185 MB and ~185 MB with jemalloc, at the same speed
-    (``bench/memory.py``)."""
+    writers free: a run of 100,000 template rows held 210-260 MB while sending, against
+    175-185 MB with jemalloc, at the same speed (``bench/memory.py``'s run, 2026-12-02)."""
     import os
 
     if sys.platform == "linux":
@@ -127,13 +126,9 @@ def _exit_now(code: object) -> None:
 
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:  # what sys.exit does with a message
-        click.echo(str(code), err=True)
-        status = 1
+    if code is not None and not isinstance(code, int):
+        return  # a message: the usual exit prints it (the commands exit with numbers)
+    status = code or 0
     atexit._run_exitfuncs()
     try:
         sys.stdout.flush()
