@@ -92,7 +92,7 @@ class Scenario:
 FULL: Final = (
     Scenario("1", 0.0, 64, 20_000, "aiohttp", 0.5),
     Scenario("2", 1000.0, 1024, 20_000, "ideal", 0.9),
-    Scenario("3", 100.0, 256, 10_000, "aiohttp", 0.95),
+    Scenario("3", 100.0, 256, 20_000, "aiohttp", 0.95),
 )
 SHORT: Final = (
     Scenario("1", 0.0, 16, 300, "aiohttp", 0.5),

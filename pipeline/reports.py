@@ -52,8 +52,7 @@ async def status(db: str, run_id: str | None) -> dict[str, Any]:
         rid = await _run_id(store, run_id)
         run = await store.get_run(rid)
         assert run is not None
-        counts = await store.state_counts(rid)
-        totals = await store.usage_totals(rid)
+        counts, totals = await store.tallies(rid)
         workers = await store.workers(rid)
     finally:
         await store.close()

@@ -362,8 +362,7 @@ async def _session(
                 await store.finish_worker(lease.worker_id)
     interrupted = plan.interrupted
 
-    counts = await store.state_counts(run_id)
-    totals = await store.usage_totals(run_id)
+    counts, totals = await store.tallies(run_id)
     state, code, message = _verdict(counts, interrupted, worker, totals)
     left = any(counts.get(s) for s in ("pending", "in_flight"))
     if lease is None:

@@ -279,6 +279,35 @@ def test_many_batches_of_many_sizes_are_stored_whole(new_db: Callable[[str], str
     assert _tables(fast) == _tables(plain)
 
 
+def test_tallies_are_the_counts_and_the_bill_of_the_rows(db: str) -> None:
+    """Store.tallies (the end of a run): requests per state and the sums over every attempt,
+    as plain SQL over the stored rows gives them, and as the two separate reads give them."""
+    every = outcomes.varied(3 * outcomes.KINDS)
+
+    async def go() -> tuple[Any, ...]:
+        store = await _loaded(db_url(db), len(every) + 5)  # 5 requests left pending
+        try:
+            await store.record_outcomes("r", every)
+            return await store.tallies("r"), await store.state_counts("r"), await store.usage_totals("r")
+        finally:
+            await store.close()
+
+    (counts, totals), counts_alone, totals_alone = anyio.run(go)
+    assert (counts, totals) == (counts_alone, totals_alone)
+    assert counts == dict(query(db, "SELECT state, COUNT(*) FROM request GROUP BY state"))
+    assert counts["pending"] == 5 + sum(o.state == "pending" for o in every)
+    assert sum(counts.values()) == len(every) + 5 and len(counts) > 2
+    (want,) = query(
+        db,
+        "SELECT COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
+        "SUM(reasoning_tokens), SUM(cost_picousd), SUM(reported_cost_picousd), "
+        "SUM(CASE WHEN cost_picousd IS NULL AND total_tokens IS NOT NULL THEN 1 ELSE 0 END) FROM attempt",
+    )
+    assert tuple(totals.values()) == tuple(None if v is None else int(v) for v in want)
+    assert totals["attempts"] == sum(len(o.attempts) for o in every)
+    assert totals["prompt_tokens"] and totals["cost_picousd"] and totals["reported_cost_picousd"]
+
+
 def test_a_batch_that_fails_leaves_nothing_of_itself(db: str, workdir: Path) -> None:
     """An outcome for a request that is not in the run: StorageError, and none of the batch's
     rows are stored (its good outcomes neither)."""

@@ -408,29 +408,18 @@ class Store:
     # -- reading back ------------------------------------------------------------------------
 
     async def state_counts(self, run_id: str) -> dict[str, int]:
-        q = select(request.c.state, func.count()).where(request.c.run_id == run_id).group_by(request.c.state)
         async with self._conn(write=False) as conn:
-            return {s: int(n) for s, n in (await conn.execute(q)).all()}
+            return await _state_counts(conn, run_id)
 
     async def usage_totals(self, run_id: str) -> dict[str, int | None]:
-        q = select(
-            func.count().label("attempts"),
-            func.sum(attempt.c.prompt_tokens).label("prompt_tokens"),
-            func.sum(attempt.c.completion_tokens).label("completion_tokens"),
-            func.sum(attempt.c.cached_tokens).label("cached_tokens"),
-            func.sum(attempt.c.reasoning_tokens).label("reasoning_tokens"),
-            func.sum(attempt.c.cost_picousd).label("cost_picousd"),
-            func.sum(attempt.c.reported_cost_picousd).label("reported_cost_picousd"),
-            func.sum(
-                case(
-                    (attempt.c.cost_picousd.is_(None) & attempt.c.total_tokens.is_not(None), 1),
-                    else_=0,
-                )
-            ).label("unpriced_attempts"),
-        ).where(attempt.c.run_id == run_id)
         async with self._conn(write=False) as conn:
-            row = (await conn.execute(q)).mappings().one()
-        return {k: (None if v is None else int(v)) for k, v in row.items()}
+            return await _usage_totals(conn, run_id)
+
+    async def tallies(self, run_id: str) -> tuple[dict[str, int], dict[str, int | None]]:
+        """:meth:`state_counts` and :meth:`usage_totals` in one trip to the database (the end
+        of a run waits for them), read in one transaction: the counts and the bill agree."""
+        async with self._conn(write=False) as conn:
+            return await _state_counts(conn, run_id), await _usage_totals(conn, run_id)
 
     async def iter_results(
         self, run_id: str, *, states: Sequence[str] | None = None, page: int = 2000
@@ -758,6 +747,31 @@ _RESULT_ROW = (
 # The database's clock (PostgreSQL): naive UTC like every time column, and epoch seconds.
 _DB_NOW = "(clock_timestamp() AT TIME ZONE 'utc')"
 _DB_EPOCH = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS double precision)"
+
+
+async def _state_counts(conn: AsyncConnection, run_id: str) -> dict[str, int]:
+    q = select(request.c.state, func.count()).where(request.c.run_id == run_id).group_by(request.c.state)
+    return {state: int(n) for state, n in (await conn.execute(q)).all()}
+
+
+async def _usage_totals(conn: AsyncConnection, run_id: str) -> dict[str, int | None]:
+    q = select(
+        func.count().label("attempts"),
+        func.sum(attempt.c.prompt_tokens).label("prompt_tokens"),
+        func.sum(attempt.c.completion_tokens).label("completion_tokens"),
+        func.sum(attempt.c.cached_tokens).label("cached_tokens"),
+        func.sum(attempt.c.reasoning_tokens).label("reasoning_tokens"),
+        func.sum(attempt.c.cost_picousd).label("cost_picousd"),
+        func.sum(attempt.c.reported_cost_picousd).label("reported_cost_picousd"),
+        func.sum(
+            case(
+                (attempt.c.cost_picousd.is_(None) & attempt.c.total_tokens.is_not(None), 1),
+                else_=0,
+            )
+        ).label("unpriced_attempts"),
+    ).where(attempt.c.run_id == run_id)
+    row = (await conn.execute(q)).mappings().one()
+    return {k: (None if v is None else int(v)) for k, v in row.items()}
 
 
 async def _reconcile(
