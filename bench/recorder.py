@@ -26,6 +26,7 @@ have the ratio printed.
     python bench/recorder.py                 # 50,000 outcomes per variant, about 10 s
     python bench/recorder.py --short         # 2,000, a few seconds
     python bench/recorder.py --vs-rps 700    # also print the ratio to the pipeline's rate
+    python bench/recorder.py --prompt-bytes 4000   # requests with ~4 KB prompts (default ~130 B)
 
 Figures are printed, never asserted; the exit status is non-zero only if the harness is broken
 (a variant did not record every outcome).
@@ -117,16 +118,19 @@ def custom_id(i: int) -> str:
     return f"r{i:07d}"
 
 
-def body(i: int) -> dict[str, Any]:
+def body(i: int, prompt_bytes: int = 0) -> dict[str, Any]:
+    """A small request (~130 bytes); ``prompt_bytes``: its prompt padded to about that size."""
     text = f"Summarise this support ticket in one sentence: my order arrived late, box damaged. #{i}"
+    if len(text) < prompt_bytes:
+        text += " The parcel was left in the rain." * ((prompt_bytes - len(text)) // 33)
     return {"messages": [{"role": "user", "content": text}], "max_tokens": 16}
 
 
-def request_rows(n: int) -> list[list[dict[str, Any]]]:
+def request_rows(n: int, prompt_bytes: int = 0) -> list[list[dict[str, Any]]]:
     """Batches of request rows as ``pipeline.run._request_row`` makes them."""
     rows = []
     for i in range(n):
-        raw = orjson.dumps(body(i))
+        raw = orjson.dumps(body(i, prompt_bytes))
         rows.append(
             {
                 "custom_id": custom_id(i),
@@ -223,7 +227,7 @@ def timed(fn: Callable[..., Awaitable[T]], into: Timed) -> Callable[..., Awaitab
     return wrapper
 
 
-async def measure(variant: Variant, n: int, folder: Path) -> Result:
+async def measure(variant: Variant, n: int, folder: Path, prompt_bytes: int = 0) -> Result:
     result = Result(variant, n)
     db = folder / "r.db"
     store = await Store.open(f"sqlite+aiosqlite:///{db}")
@@ -236,7 +240,7 @@ async def measure(variant: Variant, n: int, folder: Path) -> Result:
             input_sha256="0" * 64,
             state="running",
         )
-        batches = request_rows(n)
+        batches = request_rows(n, prompt_bytes)
 
         async def load() -> AsyncIterator[list[dict[str, Any]]]:
             for b in batches:
@@ -337,16 +341,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="bench/throughput.py scenario 1's pipeline req/s: prints the ratio (target >= 10x)",
     )
+    parser.add_argument(
+        "--prompt-bytes",
+        type=int,
+        default=0,
+        help="pad each request's prompt to about this many bytes (default: ~130-byte requests)",
+    )
     args = parser.parse_args(argv)
     n = args.n or (2_000 if args.short else 50_000)
     print(
         f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}; {os.cpu_count()} cores; "
-        f"{common.load_average()}"
+        f"request bodies of {len(orjson.dumps(body(0, args.prompt_bytes))):,} bytes; {common.load_average()}"
     )
     results = []
     for variant in VARIANTS:
         with tempfile.TemporaryDirectory(prefix="bench-recorder-") as tmp:
-            r = asyncio.run(measure(variant, n, Path(tmp)))
+            r = asyncio.run(measure(variant, n, Path(tmp), args.prompt_bytes))
         results.append(r)
         print(
             f"  {variant.name:<22} {r.rate:>9,.0f} outcomes/s  {r.wall_s:5.1f} s (load {r.load_s:.1f} s)",

@@ -274,7 +274,8 @@ def test_template_rows_keep_their_columns_in_the_output(
     assert table.column_names[:3] == ["id", "text", "n"]
     assert table.column("custom_id").to_pylist() == [f"r{i}" for i in range(5)]
     assert table.column("n").type == pa.int64()
-    body = orjson.loads(query(db, "SELECT body FROM request WHERE custom_id = 'r3'")[0][0])
+    sql = "SELECT i.body FROM request_input i JOIN request r USING (run_id, seq) WHERE custom_id = 'r3'"
+    body = orjson.loads(query(db, sql)[0][0])
     assert body["messages"] == [{"role": "user", "content": "Label: text 3"}]
 
 

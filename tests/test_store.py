@@ -19,7 +19,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from helpers import as_datetime, is_url, query
-from sqlalchemy import DateTime, insert, inspect, select, update
+from sqlalchemy import DateTime, insert, inspect, select, text, update
 
 from pipeline.errors import StorageError
 from pipeline.pricing import picousd
@@ -45,10 +45,95 @@ def test_blank_database_migrates_to_head_with_tables_and_views(workdir: Path, db
             await store.close()
 
     head, tables, views = anyio.run(go)
-    assert {"run", "request", "attempt", "completion"} <= tables
+    assert {"run", "request", "request_input", "attempt", "completion"} <= tables
     assert views == set(VIEWS)
     assert query(db, "SELECT version_num FROM alembic_version") == [(head,)]
-    assert head == "0004"
+    assert head == "0005"
+
+
+async def _migrate_to(store: Store, revision: str, *, down: bool = False) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from pipeline.store.db import migrations_dir
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+
+    def move(connection: Any) -> None:
+        cfg.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(cfg, revision)
+
+    async with store.engine.begin() as conn:
+        await conn.run_sync(move)
+
+
+def test_bodies_of_runs_before_0005_move_to_request_input_and_back(workdir: Path, db: str) -> None:
+    """A database of revision 0004 with a run (bodies and records in ``request``, one request
+    answered): after the upgrade the run's requests read back the same bodies and records from
+    ``request_input``, ``request`` has lost the two columns, and every key still holds; the
+    downgrade puts them back."""
+    bodies = [orjson.dumps({"messages": [{"role": "user", "content": f"q{i} ✓"}]}).decode() for i in range(4)]
+    table = "request"
+
+    async def go() -> tuple[Any, ...]:
+        store = await Store.open(db_url(db), migrate=False)
+        try:
+            await _migrate_to(store, "0004")
+            now = utcnow()
+            async with store.engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO run (run_id, job, spec_json, input_path, input_sha256, loaded, state, "
+                        "created_at) VALUES ('r', 'j', '{}', 'x', 'h', :t, 'running', :now)"
+                    ),
+                    {"t": True, "now": now},
+                )
+                for i, body in enumerate(bodies):
+                    await conn.execute(
+                        text(
+                            "INSERT INTO request (run_id, custom_id, seq, body_sha256, body, record, state, "
+                            "attempts) VALUES ('r', :cid, :seq, 'h', :body, :record, :state, :n)"
+                        ),
+                        {
+                            "cid": f"c{i}",
+                            "seq": i,
+                            "body": body,
+                            "record": orjson.dumps({"id": i}).decode() if i % 2 else None,
+                            "state": "succeeded" if i == 0 else "pending",
+                            "n": 1 if i == 0 else 0,
+                        },
+                    )
+                await conn.execute(
+                    text(
+                        "INSERT INTO attempt (run_id, custom_id, attempt_no, endpoint, base_url, model, "
+                        "started_at, outcome) VALUES ('r', 'c0', 1, 'e', 'http://x', 'm', :now, 'success')"
+                    ),
+                    {"now": now},
+                )
+            await store.migrate()
+            page = await store.pending_page("r", -1, 10)
+            records = [r async for page_ in store.result_records("r") for r in page_]
+            async with store.engine.connect() as conn:
+                columns = await conn.run_sync(lambda c: [k["name"] for k in inspect(c).get_columns(table)])
+                if conn.dialect.name == "sqlite":  # PostgreSQL checks every key as it goes
+                    assert (await conn.execute(text("PRAGMA foreign_key_check"))).all() == []
+            await _migrate_to(store, "0004", down=True)
+            async with store.engine.connect() as conn:
+                back = (await conn.execute(text("SELECT body, record FROM request ORDER BY seq"))).all()
+            return page, records, columns, back
+        finally:
+            await store.close()
+
+    page, records, columns, back = anyio.run(go)
+    assert [(seq, cid, body, record) for seq, cid, body, record, _, _ in page] == [
+        (i, f"c{i}", bodies[i], '{"id":' + str(i) + "}" if i % 2 else None) for i in (1, 2, 3)
+    ]
+    assert records == [None, '{"id":1}', None, '{"id":3}']
+    assert "body" not in columns and "record" not in columns and "body_sha256" in columns
+    assert [tuple(r) for r in back] == [
+        (body, '{"id":' + str(i) + "}" if i % 2 else None) for i, body in enumerate(bodies)
+    ]
 
 
 @pytest.mark.sqlite_only("WAL is a SQLite journal mode")

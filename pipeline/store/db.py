@@ -44,7 +44,7 @@ from pipeline.errors import StorageError
 from pipeline.pricing import picousd
 from pipeline.records import Attempt, Outcome
 from pipeline.store.prepared import Prepared, Rows
-from pipeline.store.schema import attempt, completion, request, run, worker
+from pipeline.store.schema import attempt, completion, request, request_input, run, worker
 
 __all__ = ["DuplicateRequestId", "OutcomeRows", "Recorded", "Store", "migrations_dir", "utcnow"]
 
@@ -216,7 +216,7 @@ class Store:
             async with self.engine.begin() as conn:
                 async for batch in batches:
                     if batch:
-                        await conn.execute(insert(request), [dict(b, run_id=run_id) for b in batch])
+                        await _insert_requests(conn, run_id, batch)
                         n += len(batch)
                 await conn.execute(
                     update(run).where(run.c.run_id == run_id).values(loaded=True, input_rows=input_rows or n)
@@ -239,17 +239,12 @@ class Store:
     ) -> list[tuple[int, str, str, str | None, int, str]]:
         """Up to ``limit`` requests to send, in input order after ``after_seq``:
         (seq, custom_id, body, record, attempts so far, state)."""
+        r, i = request, request_input
         q = (
-            select(
-                request.c.seq,
-                request.c.custom_id,
-                request.c.body,
-                request.c.record,
-                request.c.attempts,
-                request.c.state,
-            )
-            .where(request.c.run_id == run_id, request.c.state.in_(states), request.c.seq > after_seq)
-            .order_by(request.c.seq)
+            select(r.c.seq, r.c.custom_id, i.c.body, i.c.record, r.c.attempts, r.c.state)
+            .join_from(r, i, and_(i.c.run_id == r.c.run_id, i.c.seq == r.c.seq))
+            .where(r.c.run_id == run_id, r.c.state.in_(states), r.c.seq > after_seq)
+            .order_by(r.c.seq)
             .limit(limit)
         )
         async with self._conn(write=False) as conn:
@@ -403,7 +398,7 @@ class Store:
 
     async def reject_rows(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         async with self._conn() as conn:
-            await conn.execute(insert(request), [dict(r, run_id=run_id) for r in rows])
+            await _insert_requests(conn, run_id, rows)
 
     # -- reading back ------------------------------------------------------------------------
 
@@ -440,28 +435,32 @@ class Store:
         self, run_id: str, *, states: Sequence[str] | None = None, page: int = 2000
     ) -> AsyncIterator[list[str | None]]:
         """The input records (JSON text) of the same rows, in the same pages."""
-        async for _, rows in self._result_rows((request.c.seq, request.c.record), run_id, states, page):
+        async for _, rows in self._result_rows((request.c.seq, request_input.c.record), run_id, states, page):
             yield [r[1] for r in rows]
 
     async def _result_rows(
         self, cols: Sequence[Any], run_id: str, states: Sequence[str] | None, page: int
     ) -> AsyncIterator[tuple[list[str], Sequence[Any]]]:
         """Pages of rows of the request / final attempt / completion join, by seq (cols[0])."""
-        a, c, r = attempt, completion, request
-        joined = r.outerjoin(
-            a,
-            and_(
-                a.c.run_id == r.c.run_id,
-                a.c.custom_id == r.c.custom_id,
-                a.c.attempt_no == r.c.final_attempt_no,
-            ),
-        ).outerjoin(
-            c,
-            and_(
-                c.c.run_id == a.c.run_id,
-                c.c.custom_id == a.c.custom_id,
-                c.c.attempt_no == a.c.attempt_no,
-            ),
+        a, c, r, i = attempt, completion, request, request_input
+        joined = (
+            r.join(i, and_(i.c.run_id == r.c.run_id, i.c.seq == r.c.seq))
+            .outerjoin(
+                a,
+                and_(
+                    a.c.run_id == r.c.run_id,
+                    a.c.custom_id == r.c.custom_id,
+                    a.c.attempt_no == r.c.final_attempt_no,
+                ),
+            )
+            .outerjoin(
+                c,
+                and_(
+                    c.c.run_id == a.c.run_id,
+                    c.c.custom_id == a.c.custom_id,
+                    c.c.attempt_no == a.c.attempt_no,
+                ),
+            )
         )
         after = -1
         while True:
@@ -574,11 +573,18 @@ class Store:
                   AND (state <> 'in_flight' OR lease_until IS NULL OR lease_until < {_DB_NOW})
                 ORDER BY seq LIMIT :n
                 FOR UPDATE SKIP LOCKED
+            ), leased AS (
+                UPDATE request AS q SET state = 'in_flight', claimed_at = {_DB_NOW}, lease_owner = :w,
+                       lease_until = {_DB_NOW} + make_interval(secs => :s)
+                FROM picked WHERE q.run_id = picked.run_id AND q.custom_id = picked.custom_id
+                RETURNING q.run_id, q.seq, q.custom_id, q.attempts, picked.prior
             )
-            UPDATE request AS q SET state = 'in_flight', claimed_at = {_DB_NOW}, lease_owner = :w,
-                   lease_until = {_DB_NOW} + make_interval(secs => :s)
-            FROM picked WHERE q.run_id = picked.run_id AND q.custom_id = picked.custom_id
-            RETURNING q.seq, q.custom_id, q.body, q.record, q.attempts, picked.prior"""
+            -- The bodies are joined to what was leased, after it: the UPDATE is the one the
+            -- workers had before bodies moved to request_input. With request_input joined in
+            -- its FROM, three workers with one killed sent 64-82 requests twice instead of at
+            -- most the 26 it held (tests/test_workers.py); a data-modifying WITH runs once.
+            SELECT l.seq, l.custom_id, i.body, i.record, l.attempts, l.prior
+            FROM leased l JOIN request_input i ON i.run_id = l.run_id AND i.seq = l.seq"""
         ).bindparams(bindparam("states", expanding=True))
         params = {"r": run_id, "w": worker_id, "n": limit, "s": float(lease_s), "states": list(states)}
         async with self._conn() as conn:
@@ -715,7 +721,7 @@ _RESULT_COLUMNS = (
     request.c.state,
     request.c.attempts,
     request.c.error,
-    request.c.record,
+    request_input.c.record,
     request.c.cost_picousd,
     request.c.reported_cost_picousd,
     attempt.c.endpoint,
@@ -747,6 +753,20 @@ _RESULT_ROW = (
 # The database's clock (PostgreSQL): naive UTC like every time column, and epoch seconds.
 _DB_NOW = "(clock_timestamp() AT TIME ZONE 'utc')"
 _DB_EPOCH = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS double precision)"
+
+
+_INPUT_KEYS = frozenset(("body", "record"))
+
+
+async def _insert_requests(conn: AsyncConnection, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Requests as the loader builds them (their state and their input in one mapping), into
+    ``request`` and ``request_input``."""
+    states = [{k: v for k, v in r.items() if k not in _INPUT_KEYS} | {"run_id": run_id} for r in rows]
+    await conn.execute(insert(request), states)
+    await conn.execute(
+        insert(request_input),
+        [{"run_id": run_id, "seq": r["seq"], "body": r["body"], "record": r.get("record")} for r in rows],
+    )
 
 
 async def _state_counts(conn: AsyncConnection, run_id: str) -> dict[str, int]:

@@ -33,6 +33,7 @@ __all__ = [
     "metadata",
     "rate_slot",
     "request",
+    "request_input",
     "run",
     "worker",
 ]
@@ -75,9 +76,7 @@ request = Table(
     Column("run_id", String(128), nullable=False),
     Column("custom_id", String(256), nullable=False),
     Column("seq", BigInteger, nullable=False),  # position in the input, 0-based
-    Column("body_sha256", String(64), nullable=False),
-    Column("body", Text, nullable=False),  # the request as sent, without "model"
-    Column("record", Text),  # the data record of a template row (JSON)
+    Column("body_sha256", String(64), nullable=False),  # the body itself: request_input
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("final_attempt_no", Integer),
@@ -93,6 +92,21 @@ request = Table(
     UniqueConstraint("run_id", "seq"),
     ForeignKeyConstraint(["run_id"], ["run.run_id"]),
     Index(None, "run_id", "state", "seq"),
+)
+
+# What the input said of a request, apart from its state: a request's row is written again at
+# each change of state (claimed, answered), and SQLite rewrites a row whole, so bodies kept in
+# it made every change cost as much as the prompt's size (4 KB prompts: 2.7x SQLite's work per
+# request, half the recorder's throughput; bench/recorder.py --prompt-bytes). Written once.
+request_input = Table(
+    "request_input",
+    metadata,
+    Column("run_id", String(128), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("body", Text, nullable=False),  # the request as sent, without "model" (JSON)
+    Column("record", Text),  # the data record of a template row (JSON)
+    PrimaryKeyConstraint("run_id", "seq"),
+    ForeignKeyConstraint(["run_id", "seq"], ["request.run_id", "request.seq"]),
 )
 
 attempt = Table(
