@@ -393,6 +393,37 @@ def test_tallies_are_the_counts_and_the_bill_of_the_rows(db: str) -> None:
     assert totals["prompt_tokens"] and totals["cost_picousd"] and totals["reported_cost_picousd"]
 
 
+@pytest.mark.sqlite_only("SQLite's query plans")
+def test_pages_of_requests_are_read_in_seq_order_from_an_index_not_sorted(db: str) -> None:
+    """The feeder's pages (new runs and resumes) and the result pages take their requests in
+    input order from an index and stop at the page's end: no query sorts the run's requests
+    (joined to request_input in the FROM, SQLite sorted every later request for each page)."""
+    from sqlalchemy import event
+
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "request" in statement and not many:
+            seen.append((statement, parameters))
+
+    async def go() -> None:
+        store = await _loaded(db_url(db), 300)
+        event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
+        try:
+            for states in (("pending",), ("pending", "in_flight"), ("pending", "in_flight", "failed")):
+                assert len(await store.pending_page("r", 10, 50, states)) == 50
+            assert [len(p["seq"]) async for p in store.result_pages("r", page=100)] == [100, 100, 100]
+            assert [len(p) async for p in store.result_records("r", page=100)] == [100, 100, 100]
+        finally:
+            await store.close()
+
+    anyio.run(go)
+    assert len(seen) == 3 + 4 + 4
+    for statement, parameters in seen:
+        plan = " / ".join(row[3] for row in query(db, "EXPLAIN QUERY PLAN " + statement, *parameters))
+        assert "TEMP B-TREE" not in plan and "SCAN request " not in plan + " ", (statement, plan)
+
+
 def test_a_batch_that_fails_leaves_nothing_of_itself(db: str, workdir: Path) -> None:
     """An outcome for a request that is not in the run: StorageError, and none of the batch's
     rows are stored (its good outcomes neither)."""

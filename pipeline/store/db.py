@@ -95,6 +95,7 @@ class Store:
         self.engine = engine
         self.url = url
         self._statements: dict[str, Prepared] | None = None
+        self._load_statements: tuple[Prepared, Prepared] | None = None  # see _insert_requests
         # SQLite file: the recorder's statements go through a connection of their own.
         self._writer: _SqliteWriter | None = None
         if engine.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 38):  # UPDATE FROM, JSON
@@ -216,7 +217,7 @@ class Store:
             async with self.engine.begin() as conn:
                 async for batch in batches:
                     if batch:
-                        await _insert_requests(conn, run_id, batch)
+                        await self._insert_requests(conn, run_id, batch)
                         n += len(batch)
                 await conn.execute(
                     update(run).where(run.c.run_id == run_id).values(loaded=True, input_rows=input_rows or n)
@@ -239,10 +240,9 @@ class Store:
     ) -> list[tuple[int, str, str, str | None, int, str]]:
         """Up to ``limit`` requests to send, in input order after ``after_seq``:
         (seq, custom_id, body, record, attempts so far, state)."""
-        r, i = request, request_input
+        r = request
         q = (
-            select(r.c.seq, r.c.custom_id, i.c.body, i.c.record, r.c.attempts, r.c.state)
-            .join_from(r, i, and_(i.c.run_id == r.c.run_id, i.c.seq == r.c.seq))
+            select(r.c.seq, r.c.custom_id, _INPUT_BODY, _INPUT_RECORD, r.c.attempts, r.c.state)
             .where(r.c.run_id == run_id, r.c.state.in_(states), r.c.seq > after_seq)
             .order_by(r.c.seq)
             .limit(limit)
@@ -396,9 +396,44 @@ class Store:
             }
         return self._statements
 
+    async def _insert_requests(
+        self, conn: AsyncConnection, run_id: str, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Requests as the loader builds them (state and input in one mapping: ``custom_id``,
+        ``seq``, ``body_sha256``, ``body``, ``state``; ``record``, ``attempts``, ``error`` if
+        any) into ``request`` and ``request_input``, through statements compiled once (the
+        plain ``execute`` of dicts took a third of a million-row load)."""
+        if self._load_statements is None:
+            dialect = self.engine.dialect
+            self._load_statements = (
+                Prepared(insert(request), dialect, _LOAD_KEYS),
+                Prepared(insert(request_input), dialect, _LOAD_INPUT_KEYS, table=request_input),
+            )
+        states, inputs = self._load_statements
+        await conn.exec_driver_sql(
+            states.sql,
+            states.params(
+                [
+                    (
+                        run_id,
+                        r["custom_id"],
+                        r["seq"],
+                        r["body_sha256"],
+                        r["state"],
+                        r.get("attempts", 0),
+                        r.get("error"),
+                    )
+                    for r in rows
+                ]
+            ),
+        )
+        await conn.exec_driver_sql(
+            inputs.sql, inputs.params([(run_id, r["seq"], r["body"], r.get("record")) for r in rows])
+        )
+
     async def reject_rows(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         async with self._conn() as conn:
-            await _insert_requests(conn, run_id, rows)
+            await self._insert_requests(conn, run_id, rows)
 
     # -- reading back ------------------------------------------------------------------------
 
@@ -435,32 +470,28 @@ class Store:
         self, run_id: str, *, states: Sequence[str] | None = None, page: int = 2000
     ) -> AsyncIterator[list[str | None]]:
         """The input records (JSON text) of the same rows, in the same pages."""
-        async for _, rows in self._result_rows((request.c.seq, request_input.c.record), run_id, states, page):
+        async for _, rows in self._result_rows((request.c.seq, _INPUT_RECORD), run_id, states, page):
             yield [r[1] for r in rows]
 
     async def _result_rows(
         self, cols: Sequence[Any], run_id: str, states: Sequence[str] | None, page: int
     ) -> AsyncIterator[tuple[list[str], Sequence[Any]]]:
         """Pages of rows of the request / final attempt / completion join, by seq (cols[0])."""
-        a, c, r, i = attempt, completion, request, request_input
-        joined = (
-            r.join(i, and_(i.c.run_id == r.c.run_id, i.c.seq == r.c.seq))
-            .outerjoin(
-                a,
-                and_(
-                    a.c.run_id == r.c.run_id,
-                    a.c.custom_id == r.c.custom_id,
-                    a.c.attempt_no == r.c.final_attempt_no,
-                ),
-            )
-            .outerjoin(
-                c,
-                and_(
-                    c.c.run_id == a.c.run_id,
-                    c.c.custom_id == a.c.custom_id,
-                    c.c.attempt_no == a.c.attempt_no,
-                ),
-            )
+        a, c, r = attempt, completion, request
+        joined = r.outerjoin(
+            a,
+            and_(
+                a.c.run_id == r.c.run_id,
+                a.c.custom_id == r.c.custom_id,
+                a.c.attempt_no == r.c.final_attempt_no,
+            ),
+        ).outerjoin(
+            c,
+            and_(
+                c.c.run_id == a.c.run_id,
+                c.c.custom_id == a.c.custom_id,
+                c.c.attempt_no == a.c.attempt_no,
+            ),
         )
         after = -1
         while True:
@@ -714,6 +745,17 @@ class Store:
         return float(now), float(cooldown), lrpm, ltpm
 
 
+# A request's input, looked up for each row a query returns: joined in its FROM instead, SQLite
+# drove the query from request_input and sorted every later request by seq for each page (a
+# 300,000-row run sent 1,000 requests/s instead of 5,100, pending_page taking ~350 ms).
+_INPUT_BODY, _INPUT_RECORD = (
+    select(col)
+    .where(request_input.c.run_id == request.c.run_id, request_input.c.seq == request.c.seq)
+    .scalar_subquery()
+    .label(col.name)
+    for col in (request_input.c.body, request_input.c.record)
+)
+
 # The columns of the result rows (Store.iter_results; seq first, the paging key).
 _RESULT_COLUMNS = (
     request.c.seq,
@@ -721,7 +763,7 @@ _RESULT_COLUMNS = (
     request.c.state,
     request.c.attempts,
     request.c.error,
-    request_input.c.record,
+    _INPUT_RECORD,
     request.c.cost_picousd,
     request.c.reported_cost_picousd,
     attempt.c.endpoint,
@@ -753,20 +795,6 @@ _RESULT_ROW = (
 # The database's clock (PostgreSQL): naive UTC like every time column, and epoch seconds.
 _DB_NOW = "(clock_timestamp() AT TIME ZONE 'utc')"
 _DB_EPOCH = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS double precision)"
-
-
-_INPUT_KEYS = frozenset(("body", "record"))
-
-
-async def _insert_requests(conn: AsyncConnection, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Requests as the loader builds them (their state and their input in one mapping), into
-    ``request`` and ``request_input``."""
-    states = [{k: v for k, v in r.items() if k not in _INPUT_KEYS} | {"run_id": run_id} for r in rows]
-    await conn.execute(insert(request), states)
-    await conn.execute(
-        insert(request_input),
-        [{"run_id": run_id, "seq": r["seq"], "body": r["body"], "record": r.get("record")} for r in rows],
-    )
 
 
 async def _state_counts(conn: AsyncConnection, run_id: str) -> dict[str, int]:
@@ -1203,6 +1231,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
+
+# The columns of a loaded request's rows (Store._insert_requests), in their order.
+_LOAD_KEYS = ("run_id", "custom_id", "seq", "body_sha256", "state", "attempts", "error")
+_LOAD_INPUT_KEYS = ("run_id", "seq", "body", "record")
 
 # The columns of the rows below, in their order (Prepared checks them against the table).
 _ATTEMPT_KEYS = (
