@@ -26,7 +26,7 @@ scenario says so.
 Also measured: the wall time of ``python -m pipeline --help`` (median of 5), next to that of a
 bare ``python -c pass``.
 
-    python bench/throughput.py            # full: three scenarios, about 3.5 minutes
+    python bench/throughput.py            # full: three scenarios, about 2 minutes
     python bench/throughput.py --short    # a few seconds: keeps the harness from rotting
     python bench/throughput.py --scenario 1   # one scenario (repeatable)
 
