@@ -95,7 +95,6 @@ class Store:
         self.engine = engine
         self.url = url
         self._statements: dict[str, Prepared] | None = None
-        self._load_statements: tuple[Prepared, Prepared] | None = None  # see _insert_requests
         # SQLite file: the recorder's statements go through a connection of their own.
         self._writer: _SqliteWriter | None = None
         if engine.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 38):  # UPDATE FROM, JSON
@@ -386,13 +385,16 @@ class Store:
         return Recorded(kept, totals)
 
     def _prepared(self) -> dict[str, Prepared]:
-        """record_outcomes' three statements, compiled once for this database."""
+        """The statements run for every batch, compiled once for this database: record_outcomes'
+        three, and the loader's two (_insert_requests)."""
         if self._statements is None:
             dialect = self.engine.dialect
             self._statements = {
                 "attempt": Prepared(insert(attempt), dialect, _ATTEMPT_KEYS, table=attempt),
                 "completion": Prepared(insert(completion), dialect, _COMPLETION_KEYS, table=completion),
                 "request": Prepared(_FINISH, dialect, _FINISH_KEYS),
+                "load_request": Prepared(insert(request), dialect, _LOAD_KEYS),
+                "load_input": Prepared(insert(request_input), dialect, _LOAD_INPUT_KEYS, table=request_input),
             }
         return self._statements
 
@@ -403,13 +405,8 @@ class Store:
         ``seq``, ``body_sha256``, ``body``, ``state``; ``record``, ``attempts``, ``error`` if
         any) into ``request`` and ``request_input``, through statements compiled once (the
         plain ``execute`` of dicts took a third of a million-row load)."""
-        if self._load_statements is None:
-            dialect = self.engine.dialect
-            self._load_statements = (
-                Prepared(insert(request), dialect, _LOAD_KEYS),
-                Prepared(insert(request_input), dialect, _LOAD_INPUT_KEYS, table=request_input),
-            )
-        states, inputs = self._load_statements
+        prepared = self._prepared()
+        states, inputs = prepared["load_request"], prepared["load_input"]
         await conn.exec_driver_sql(
             states.sql,
             states.params(
