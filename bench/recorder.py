@@ -5,7 +5,8 @@ loaded the way ``pipeline run`` loads them (``Store.load_requests``); then N syn
 ``Outcome`` objects of realistic size (one successful attempt each, with a completion whose raw
 body is a 630-byte ``chat.completion`` like the mock server's, and its usage) are pushed as fast
 as possible through ``pipeline.recorder.Recorder.run`` over an anyio memory stream (buffer 128,
-as a 64-worker run has; one ``await send`` per outcome, as each worker does). The outcomes are
+as a 64-worker run has; each outcome handed on as a worker hands it on,
+``pipeline.recorder.hand_on``: at once while the stream has room). The outcomes are
 built before the clock starts; the garbage collector is tuned as a run tunes it while its
 workers run (``pipeline.collector``). Three variants:
 
@@ -15,17 +16,20 @@ workers run (``pipeline.collector``). Three variants:
   as the real feeder does at 64 concurrent (write-ahead; a page is four rounds of the workers,
   ``pipeline.run._page_size``: 256).
 
-Printed: outcomes/s; commits (transactions with outcomes: ``Store.write_outcomes``) and ms per
-commit (the time inside it, claims that came meanwhile included); claims sent, and how many
+Printed: outcomes/s; commits (transactions with outcomes: ``Store.start_outcomes``) and ms per
+commit (from the transaction's start on the database's thread to the recorder learning of its
+end, claims that came meanwhile included); claims sent, and how many
 transactions held claims alone (``Store.claim_pages``: the recorder commits a claim at once,
 in the batch's transaction when a batch is waiting); CPU ms per outcome of the whole process
 (every thread: the database writer's, the WAL checkpoints', the part writer's). The target is
-10x the request rate of ``bench/throughput.py`` scenario 1; pass that rate as ``--vs-rps`` to
-have the ratio printed.
+10x the request rate of ``bench/throughput.py`` scenario 1: that scenario's whole ``pipeline
+run`` is measured in the same run, before and after the variants (machines here are noisy), and
+the ratio to their mean printed (``--vs-rps R`` compares with R instead; ``--short`` with
+nothing).
 
-    python bench/recorder.py                 # 50,000 outcomes per variant, about 10 s
+    python bench/recorder.py                 # 50,000 outcomes per variant and scenario 1 twice, ~40 s
     python bench/recorder.py --short         # 2,000, a few seconds
-    python bench/recorder.py --vs-rps 700    # also print the ratio to the pipeline's rate
+    python bench/recorder.py --vs-rps 4800   # the ratio to that rate, scenario 1 not run
     python bench/recorder.py --prompt-bytes 4000   # requests with ~4 KB prompts (default ~130 B)
 
 Figures are printed, never asserted; the exit status is non-zero only if the harness is broken
@@ -40,6 +44,7 @@ import gc
 import os
 import platform
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -56,10 +61,10 @@ import orjson
 from pipeline.collector import fewer_collections
 from pipeline.outputs import PartWriter
 from pipeline.progress import Counters
-from pipeline.recorder import Claim, Recorder
+from pipeline.recorder import Claim, Recorder, hand_on
 from pipeline.records import Attempt, Choice, Completion, Outcome, Usage
 from pipeline.run import _page_size
-from pipeline.store.db import Store, utcnow
+from pipeline.store.db import Recorded, Store, utcnow
 
 RUN_ID: Final = "bench"
 WORKERS: Final = 64  # a run at 64 concurrent
@@ -146,12 +151,15 @@ def request_rows(n: int, prompt_bytes: int = 0) -> list[list[dict[str, Any]]]:
 
 
 def outcome(i: int) -> Outcome:
-    """One succeeded request, sized like a mock-small answer (raw body ~630 bytes)."""
+    """One succeeded request, sized like a mock-small answer (raw body ~630 bytes). What differs
+    between a run's requests differs here too: the answer, ids, token counts and so the cost,
+    latency, start time; the run, route, status and zero token details are one for all."""
     content = f"Mock answer {i:08x}: Batch pipelines love predictable answers l"
+    prompt_tokens, completion_tokens = 18 + i % 17, 8 + i % 9
     usage_api = {
-        "prompt_tokens": 24,
-        "completion_tokens": 16,
-        "total_tokens": 40,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
         "completion_tokens_details": {
             "reasoning_tokens": 0,
@@ -200,13 +208,13 @@ def outcome(i: int) -> Outcome:
         base_url="http://127.0.0.1:8000/v1",
         model="mock-small",
         started_at=started,
-        latency_ms=12.5,
+        latency_ms=10.0 + (i % 97) * 0.37,
         http_status=200,
         outcome="success",
         provider_request_id=request_id,
         completion=completion,
         usage=usage,
-        cost_picousd=13_200_000,
+        cost_picousd=prompt_tokens * 150_000 + completion_tokens * 600_000,  # $0.15 / $0.60 per 1M
         cost_source="spec",
     )
     return Outcome(seq=i, custom_id=custom_id(i), state="succeeded", attempts=[attempt])
@@ -223,6 +231,32 @@ def timed(fn: Callable[..., Awaitable[T]], into: Timed) -> Callable[..., Awaitab
         finally:
             into.seconds += time.perf_counter() - t0
             into.calls += 1
+
+    return wrapper
+
+
+def timed_start(fn: Callable[..., Awaitable[Recorded]], into: Timed) -> Callable[..., Awaitable[Recorded]]:
+    """Store.start_outcomes, timed from the transaction's start (when it takes its claims, on
+    the database's thread) to the recorder learning of its end."""
+
+    def wrapper(rows: Any, *, claims: Callable[[], Any] = tuple) -> Awaitable[Recorded]:
+        started: list[float] = []
+
+        def take() -> Any:
+            started.append(time.perf_counter())
+            return claims()
+
+        begun = fn(rows, claims=take)
+
+        async def waited() -> Recorded:
+            try:
+                return await begun
+            finally:
+                if started:
+                    into.seconds += time.perf_counter() - started[0]
+                    into.calls += 1
+
+        return waited()
 
     return wrapper
 
@@ -252,7 +286,7 @@ async def measure(variant: Variant, n: int, folder: Path, prompt_bytes: int = 0)
 
         outcomes = [outcome(i) for i in range(n)]
         commits, claims = Timed(), Timed()
-        store.write_outcomes = timed(store.write_outcomes, commits)  # type: ignore[method-assign]
+        store.start_outcomes = timed_start(store.start_outcomes, commits)  # type: ignore[method-assign]
         store.claim_pages = timed(store.claim_pages, claims)  # type: ignore[method-assign]
         parts = PartWriter(folder / "parts") if variant.parts else None
         recorder = Recorder(store, RUN_ID, parts=parts, counters=Counters(total=n))
@@ -269,7 +303,7 @@ async def measure(variant: Variant, n: int, folder: Path, prompt_bytes: int = 0)
                         result.claims_sent += 1
                         await send.send(claim)
                     for o in page:
-                        await send.send(o)
+                        await hand_on(send, o)
                 for claim in waits:
                     await claim.done.wait()
 
@@ -308,7 +342,7 @@ def table(results: Sequence[Result], vs_rps: float | None) -> str:
         "alone",
         "ms/alone",
         "CPU ms/outcome",
-        f"vs {vs_rps:,.0f} req/s" if vs_rps else "vs pipeline",
+        f"vs {vs_rps:,.0f} req/s" if vs_rps else "vs scenario 1",
     )
     rows = []
     for r in results:
@@ -325,10 +359,27 @@ def table(results: Sequence[Result], vs_rps: float | None) -> str:
                 f"{k.calls:,}",
                 f"{k.ms_per_call:.1f}" if k.ms_per_call is not None else "-",
                 f"{r.cpu_s * 1000.0 / r.recorded:.3f}" if r.recorded else "-",
-                f"{r.rate / vs_rps:.1f}x" if vs_rps else "(--vs-rps)",
+                f"{r.rate / vs_rps:.1f}x" if vs_rps else "-",
             )
         )
     return common.render(header, rows, left={0})
+
+
+def scenario_1(folder: Path) -> float:
+    """bench/throughput.py's scenario 1, the whole ``pipeline run`` only (no baselines), as that
+    benchmark runs it: the mock server on core 1, the run on core 0. Its req/s."""
+    import throughput
+
+    scenario = throughput.FULL[0]
+    path = folder / "requests.jsonl"
+    if not path.exists():
+        throughput.write_input(path, scenario.requests)
+    throughput.raise_fd_limit()
+    with common.mock_server(common.mock_server_command("--latency-ms", str(scenario.latency_ms))) as base:
+        run = throughput.run_pipeline(base, scenario, path, folder)
+    if run.exit_code != 0 or run.succeeded != scenario.requests:
+        raise RuntimeError("scenario 1's run failed:\n    " + "\n    ".join(run.stderr_tail))
+    return run.rps
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -339,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--vs-rps",
         type=float,
         default=None,
-        help="bench/throughput.py scenario 1's pipeline req/s: prints the ratio (target >= 10x)",
+        help="compare with this req/s instead of running bench/throughput.py's scenario 1 (target >= 10x)",
     )
     parser.add_argument(
         "--prompt-bytes",
@@ -354,18 +405,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"request bodies of {len(orjson.dumps(body(0, args.prompt_bytes))):,} bytes; {common.load_average()}"
     )
     results = []
-    for variant in VARIANTS:
-        with tempfile.TemporaryDirectory(prefix="bench-recorder-") as tmp:
-            r = asyncio.run(measure(variant, n, Path(tmp), args.prompt_bytes))
-        results.append(r)
+    versus: list[float] = []  # scenario 1's req/s, before and after the variants
+    with tempfile.TemporaryDirectory(prefix="bench-recorder-") as scratch:
+        same_run = args.vs_rps is None and not args.short
+        if same_run:
+            versus.append(scenario_1(Path(scratch)))
+            print(f"  scenario 1 pipeline   {versus[-1]:>9,.0f} req/s", file=sys.stderr, flush=True)
+        for variant in VARIANTS:
+            with tempfile.TemporaryDirectory(prefix="bench-recorder-") as tmp:
+                r = asyncio.run(measure(variant, n, Path(tmp), args.prompt_bytes))
+            results.append(r)
+            print(
+                f"  {variant.name:<22} {r.rate:>9,.0f} outcomes/s  {r.wall_s:5.1f} s (load {r.load_s:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        if same_run:
+            versus.append(scenario_1(Path(scratch)))
+            print(f"  scenario 1 pipeline   {versus[-1]:>9,.0f} req/s", file=sys.stderr, flush=True)
+    vs_rps = args.vs_rps or (statistics.mean(versus) if versus else None)
+    print(table(results, vs_rps))
+    if versus:
+        both = " and ".join(f"{v:,.0f}" for v in versus)
         print(
-            f"  {variant.name:<22} {r.rate:>9,.0f} outcomes/s  {r.wall_s:5.1f} s (load {r.load_s:.1f} s)",
-            file=sys.stderr,
-            flush=True,
+            "vs = bench/throughput.py scenario 1 (0 ms, 64 conc, 20,000 requests: the whole pipeline run), "
+            f"measured before and after the variants in this run: {both} req/s, their mean"
         )
-    print(table(results, args.vs_rps))
     print(
-        "commits = transactions with outcomes (Store.write_outcomes); claims = Claim messages (a page "
+        "commits = transactions with outcomes (Store.start_outcomes); claims = Claim messages (a page "
         f"of {PAGE} each), committed with a batch or, alone = in transactions of claims only "
         "(Store.claim_pages); no commit per request when outcomes/commit > 1"
     )

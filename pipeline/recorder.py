@@ -7,35 +7,39 @@ request that may have been paid for without a recorded answer.
 
 A batch closes when it holds ``batch_size`` outcomes or ``max_delay`` seconds after its first
 one, so a busy run commits rarely and a quiet one still commits promptly. Two tasks share the
-work: one gathers messages and builds each closed batch's rows (the SQL statements, and the
-result rows of the Parquet parts) while the other commits the previous batch, so the
-database's thread and the event loop work at the same time. A claim does not close the batch
-being gathered: it goes straight to the committing task, which commits it at once in a small
-transaction of its own (with the other claims that came meanwhile; in the batch's transaction
-when a batch is waiting too) and sets ``claim.done`` once it is in the database. After each
-commit the batch's result rows go to the Parquet part writer (derived output; parts are
-written in the background, off the event loop) and the counters. The recorder knows nothing
-of HTTP.
+work: one gathers messages, builds each closed batch's rows (the SQL statements, and the
+result rows of the Parquet parts) and begins its transaction (``Store.start_outcomes``: on
+SQLite it is queued for the database's thread, which takes it as soon as the batch before it
+is committed), while the other waits for the batches' commits, in order, and does what
+follows each. So the database's thread and the event loop work at the same time, and the
+database's thread does not wait for the event loop between batches. At most two batches are
+begun and not yet done (one committing, one queued): memory stays bounded. A claim does not
+close the batch being gathered: it is committed in the next transaction to start (a batch's,
+which takes the claims waiting as it starts, or one of claims alone when no batch is begun),
+and ``claim.done`` is set once it is in the database. After each commit the batch's result
+rows go to the Parquet part writer (derived output; parts are written in the background, off
+the event loop) and the counters. The recorder knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.outputs import PartWriter, ResultRows, result_rows
 from pipeline.progress import Counters
 from pipeline.records import Outcome
-from pipeline.store.db import OutcomeRows, Store
+from pipeline.store.db import OutcomeRows, Recorded, Store
 
-__all__ = ["Claim", "Recorder"]
+__all__ = ["Claim", "Recorder", "hand_on"]
 
 # While the recorder runs: how long a thread waiting for the GIL waits before it asks for it.
 SWITCH_INTERVAL_S = 0.0005
@@ -54,11 +58,17 @@ class Claim:
     committed: bool = False
 
 
+# Batches begun and not yet done: one committing, one queued behind it.
+IN_FLIGHT = 2
+
+
 @dataclass
 class _Batch:
     rows: OutcomeRows  # what the transaction writes
     finished: list[Outcome]  # the outcomes that end their request (not "pending")
     results: ResultRows | None  # their result rows, for the Parquet parts
+    committing: Awaitable[Recorded] | None = None  # its transaction, once begun
+    claims: list[Claim] = field(default_factory=list)  # the claims it took as it started
 
 
 class Recorder:
@@ -86,10 +96,12 @@ class Recorder:
         self.commits = 0  # transactions with outcomes
         self.claim_commits = 0  # transactions with claims only
         self.recorded = 0
-        self._claims: list[Claim] = []
-        self._ready: deque[_Batch] = deque()  # built, waiting for the committing task
+        # Waiting for a transaction. Taken on the database's thread (Store.start_outcomes):
+        # a deque, whose append and popleft are atomic.
+        self._claims: deque[Claim] = deque()
+        self._begun: deque[_Batch] = deque()  # transactions begun, in order, not yet done
         self._more = anyio.Event()  # the committing task has something to do
-        self._room = anyio.Event()  # the committing task took a batch
+        self._room = anyio.Event()  # the committing task finished a batch
         self._ended = False
         self._flushing = False
 
@@ -108,7 +120,12 @@ class Recorder:
                 raise group.exceptions[0] from None
             raise
         finally:
-            for claim in self._claims:  # never committed: the recorder failed
+            # never committed: the recorder failed (a batch's transaction may still run)
+            for batch in self._begun:
+                _abandon(batch.committing)
+                for claim in batch.claims:
+                    claim.done.set()
+            for claim in self._claims:
                 claim.done.set()
         if self.parts is not None and self.flush_at_end:
             await self.parts.flush()
@@ -156,39 +173,48 @@ class Recorder:
         self._more.set()
 
     async def _hand(self, outcomes: list[Outcome]) -> None:
-        """Build the batch's rows (while the previous batch commits), then queue it."""
+        """Build the batch's rows (while the batch before commits), then begin its transaction."""
         finished = [o for o in outcomes if o.state != "pending"]
         batch = _Batch(
             rows=self.store.outcome_rows(self.run_id, outcomes, owner=self.owner),
             finished=finished,
             results=result_rows(finished) if self.parts is not None and finished else None,
         )
-        while self._ready:  # one batch waits at most: memory stays bounded
+        while len(self._begun) >= IN_FLIGHT:
             self._room = anyio.Event()
             await self._room.wait()
-        self._ready.append(batch)
+        taken = batch.claims
+        waiting = self._claims
+
+        def claims() -> list[tuple[Sequence[str], bool]]:
+            """As the transaction starts: the claims waiting go in it (they would wait for it)."""
+            while waiting:
+                taken.append(waiting.popleft())
+            return [(c.custom_ids, c.release) for c in taken]
+
+        batch.committing = self.store.start_outcomes(batch.rows, claims=claims)
+        self._begun.append(batch)
         self._more.set()
 
     # -- committing (the database's side) ----------------------------------------------------
 
     async def _commit_all(self, tg: TaskGroup) -> None:
         while True:
-            if self._ready:
-                # Claims waiting go in the same transaction (they would wait for it anyway).
-                claims, self._claims = self._claims, []
-                batch = self._ready.popleft()
+            if self._begun:
+                await self._commit(self._begun[0], tg)
+                self._begun.popleft()
                 self._room.set()
-                await self._commit(batch, claims, tg)
             elif self._claims:
-                claims, self._claims = self._claims, []
-                await self._commit_claims(claims)
+                await self._commit_claims()
             elif self._ended:
                 return
             else:
                 self._more = anyio.Event()
                 await self._more.wait()
 
-    async def _commit_claims(self, claims: list[Claim]) -> None:
+    async def _commit_claims(self) -> None:
+        claims = list(self._claims)
+        self._claims.clear()
         with anyio.CancelScope(shield=True):
             try:
                 await self.store.claim_pages(self.run_id, [(c.custom_ids, c.release) for c in claims])
@@ -199,15 +225,16 @@ class Recorder:
                     c.done.set()
         self.claim_commits += 1
 
-    async def _commit(self, batch: _Batch, claims: list[Claim], tg: TaskGroup) -> None:
+    async def _commit(self, batch: _Batch, tg: TaskGroup) -> None:
+        assert batch.committing is not None
         with anyio.CancelScope(shield=True):  # a received outcome is never dropped half-way
             try:
-                pages = [(c.custom_ids, c.release) for c in claims]
-                recorded = await self.store.write_outcomes(batch.rows, claims=pages)
-                for c in claims:
+                recorded = await batch.committing
+                for c in batch.claims:
                     c.committed = True
             finally:
-                for c in claims:
+                batch.committing = None
+                for c in batch.claims:
                     c.done.set()
         self.commits += 1
         self.recorded += len(batch.rows.outcomes)
@@ -244,6 +271,25 @@ class Recorder:
                 await self.parts.flush()
         finally:
             self._flushing = False
+
+
+def _abandon(committing: Awaitable[Recorded] | None) -> None:
+    """A batch's transaction nobody will wait for: not begun (a coroutine) is not begun at all;
+    queued (a future) runs, its outcome read so that asyncio does not report it."""
+    if isinstance(committing, Coroutine):
+        committing.close()
+    elif isinstance(committing, asyncio.Future):
+        committing.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+async def hand_on(send: MemoryObjectSendStream[Outcome | Claim], message: Outcome | Claim) -> None:
+    """Give the recorder a message as a worker does: at once while the stream has room (anyio's
+    ``send()`` always makes a trip through the event loop first, ~8 us here), else waiting for
+    room."""
+    try:
+        send.send_nowait(message)
+    except anyio.WouldBlock:
+        await send.send(message)
 
 
 @contextmanager

@@ -42,7 +42,7 @@ from pipeline.outputs import PartWriter, consolidate, write_results
 from pipeline.plan import Budget
 from pipeline.pricing import PriceBook, picousd, usd
 from pipeline.progress import Counters, Display
-from pipeline.recorder import Claim, Recorder
+from pipeline.recorder import Claim, Recorder, hand_on
 from pipeline.records import Outcome
 from pipeline.shared import RateNews, SharedBudget, new_worker_id, pid_alive, this_host
 from pipeline.spec import JobSpec, MockSpec, RouteSpec, db_display, resolve_api_key
@@ -822,10 +822,7 @@ async def _dispatch(
                 unsent.append(task.custom_id)
 
         async def give(outcome: Outcome) -> None:
-            try:
-                send.send_nowait(outcome)
-            except anyio.WouldBlock:
-                await send.send(outcome)
+            await hand_on(send, outcome)
 
         async with recv, send:
             await worker.serve(take, give)

@@ -5,7 +5,7 @@ On the suite's backend (SQLite, or PostgreSQL with --db-backend=postgresql)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,24 @@ class Watched(Store):
 
     log: list[tuple[Any, ...]]
 
-    async def write_outcomes(
-        self, rows: OutcomeRows, *, claims: Sequence[tuple[Sequence[str], bool]] = ()
-    ) -> Recorded:
-        done = await super().write_outcomes(rows, claims=claims)
-        self.log.append(("outcomes", len(rows.outcomes), len(claims)))
-        return done
+    def start_outcomes(
+        self, rows: OutcomeRows, *, claims: Callable[[], Sequence[tuple[Sequence[str], bool]]] = tuple
+    ) -> Awaitable[Recorded]:
+        taken: list[int] = []
+
+        def counted() -> Sequence[tuple[Sequence[str], bool]]:
+            pages = claims()
+            taken.append(len(pages))
+            return pages
+
+        begun = super().start_outcomes(rows, claims=counted)
+
+        async def logged() -> Recorded:
+            done = await begun
+            self.log.append(("outcomes", len(rows.outcomes), sum(taken)))
+            return done
+
+        return logged()
 
     async def claim_pages(self, run_id: str, pages: Sequence[tuple[Sequence[str], bool]]) -> None:
         await super().claim_pages(run_id, pages)
@@ -152,10 +164,13 @@ def test_outcomes_are_committed_whatever_their_kind_and_counted(workdir: Path, d
 
 
 class Failing(Watched):
-    async def write_outcomes(
-        self, rows: OutcomeRows, *, claims: Sequence[tuple[Sequence[str], bool]] = ()
-    ) -> Recorded:
-        raise StorageError("database p.db is locked by another process (is another run using it?)")
+    def start_outcomes(
+        self, rows: OutcomeRows, *, claims: Callable[[], Sequence[tuple[Sequence[str], bool]]] = tuple
+    ) -> Awaitable[Recorded]:
+        async def refused() -> Recorded:
+            raise StorageError("database p.db is locked by another process (is another run using it?)")
+
+        return refused()
 
 
 def test_a_failed_commit_stops_the_recorder_with_its_error_and_frees_waiting_claims(

@@ -109,6 +109,12 @@ class Rows:
     a None at several times the cost of a number). The values stored are those the bound
     parameters would give.
 
+    ``shared``: the positions of columns that usually hold one value for a whole batch (the
+    run, the endpoint, the model, an HTTP status): where every row of a chunk has the same
+    value (of the same type), it is bound once and every row refers to it (``?N``). Binding is
+    the driver's work per parameter, done holding the GIL (a text value is copied each time),
+    and it was half of SQLite's time on an attempt's row (``bench/recorder.py``).
+
     ``stamps``: the positions of datetime columns; ``stamp`` turns a chunk's values of one
     into SQLAlchemy's SQLite text.
     """
@@ -119,6 +125,7 @@ class Rows:
         width: int,
         *,
         max_rows: int,
+        shared: Sequence[int] = (),
         stamps: Sequence[int] = (),
         stamp: Callable[[Sequence[Any]], list[Any]] | None = None,
     ) -> None:
@@ -129,46 +136,92 @@ class Rows:
         self.template = template
         self.width = width
         self.max_rows = max_rows
+        if not all(0 <= k < width for k in (*shared, *stamps)):
+            raise ValueError("a column position is out of range")
+        self._shared = tuple(sorted(set(shared)))
         self._stamps = tuple(stamps)
         self._stamp = stamp
-        self._sql: dict[tuple[int, tuple[int, ...]], str] = {}
+        self._sql: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
 
     def chunks(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
         """(SQL, parameters) per chunk, covering ``rows`` in order."""
         out = []
-        width = self.width
+        width, candidates, stamp = self.width, self._shared, self._stamp
         size, i, n = self.max_rows, 0, len(rows)
         while i < n:
             while size > n - i:
                 size //= 2
             chunk = rows[i : i + size]
             i += size
-            params = list(chain.from_iterable(chunk))
-            if len(params) != size * width:
+            try:
+                columns = list(zip(*chunk, strict=True))  # the chunk column by column
+            except ValueError:
+                columns = []
+            if len(columns) != width:
                 raise ValueError(f"rows of {width} values expected")
-            # NULL in every row: the first row's value is (most columns stop there) and all are
-            first = chunk[0]
-            nulls = [k for k in range(width) if first[k] is None and params[k::width].count(None) == size]
-            kept: Sequence[int] = range(width)
-            if nulls:
-                kept = [k for k in range(width) if k not in nulls]
-                params = list(chain.from_iterable(map(itemgetter(*kept), chunk))) if kept else []
-            step = len(kept)
+            nulls: list[int] = []
+            shared: list[int] = []
+            kept: list[int] = []
+            for k, column in enumerate(columns):
+                first = column[0]
+                if first is None:
+                    (nulls if column.count(None) == size else kept).append(k)
+                elif k in candidates and _one_value(column, size):
+                    shared.append(k)
+                else:
+                    kept.append(k)
+            head: list[Any] = [columns[k][0] for k in shared]  # bound once: ?1 .. ?len(shared)
+            stamped = False
             for k in self._stamps:
-                if k in kept:
-                    assert self._stamp is not None
-                    at = kept.index(k)
-                    params[at::step] = self._stamp(params[at::step])
-            key = (size, tuple(nulls))
+                assert stamp is not None
+                if k in shared:
+                    head[shared.index(k)] = stamp([columns[k][0]])[0]
+                elif k not in nulls:
+                    columns[k] = tuple(stamp(columns[k]))
+                    stamped = True
+            if stamped or nulls or shared:
+                params = list(chain.from_iterable(zip(*[columns[k] for k in kept], strict=True)))
+            else:
+                params = list(chain.from_iterable(chunk))
+            key = (size, tuple(nulls), tuple(shared))
             sql = self._sql.get(key) or self._compose(key)
-            out.append((sql, params))
+            out.append((sql, head + params if head else params))
         return out
 
-    def _compose(self, key: tuple[int, tuple[int, ...]]) -> str:
-        size, nulls = key
-        row = "(" + ",".join("NULL" if k in nulls else "?" for k in range(self.width)) + ")"
-        sql = self.template.format(values=",".join([row] * size))
+    def _compose(self, key: tuple[int, tuple[int, ...], tuple[int, ...]]) -> str:
+        size, nulls, shared = key
+        if shared:
+            # every parameter numbered: the shared ones first, then each row's, in order
+            refs = {k: f"?{j + 1}" for j, k in enumerate(shared)}
+            kept = [k for k in range(self.width) if k not in nulls and k not in shared]
+            number = len(shared) + 1
+            values = []
+            for _ in range(size):
+                cells = []
+                for k in range(self.width):
+                    if k in refs:
+                        cells.append(refs[k])
+                    elif k in nulls:
+                        cells.append("NULL")
+                    else:
+                        cells.append(f"?{number}")
+                        number += 1
+                values.append("(" + ",".join(cells) + ")")
+            assert number - 1 == len(shared) + size * len(kept)
+            sql = self.template.format(values=",".join(values))
+        else:
+            row = "(" + ",".join("NULL" if k in nulls else "?" for k in range(self.width)) + ")"
+            sql = self.template.format(values=",".join([row] * size))
         if len(self._sql) >= 256:  # shapes come and go with the kinds of outcome; keep a few
             self._sql.clear()
         self._sql[key] = sql
         return sql
+
+
+def _one_value(column: Sequence[Any], size: int) -> bool:
+    """Every value of the column equal, and of one type (1, 1.0 and True are equal in Python,
+    not to SQLite in every column)."""
+    first = column[0]
+    if column.count(first) != size:
+        return False
+    return first.__class__ is str or len(set(map(type, column))) == 1  # equal to a str: a str
