@@ -188,8 +188,7 @@ class Recorder:
 
         def claims() -> list[tuple[Sequence[str], bool]]:
             """As the transaction starts: the claims waiting go in it (they would wait for it)."""
-            while waiting:
-                taken.append(waiting.popleft())
+            _take(waiting, taken)
             return [(c.custom_ids, c.release) for c in taken]
 
         batch.committing = self.store.start_outcomes(batch.rows, claims=claims)
@@ -213,8 +212,8 @@ class Recorder:
                 await self._more.wait()
 
     async def _commit_claims(self) -> None:
-        claims = list(self._claims)
-        self._claims.clear()
+        claims: list[Claim] = []
+        _take(self._claims, claims)
         with anyio.CancelScope(shield=True):
             try:
                 await self.store.claim_pages(self.run_id, [(c.custom_ids, c.release) for c in claims])
@@ -271,6 +270,16 @@ class Recorder:
                 await self.parts.flush()
         finally:
             self._flushing = False
+
+
+def _take(waiting: deque[Claim], into: list[Claim]) -> None:
+    """Move the claims waiting to ``into``, one atomic popleft at a time (the database's thread
+    and the event loop may both take)."""
+    while True:
+        try:
+            into.append(waiting.popleft())
+        except IndexError:
+            return
 
 
 def _abandon(committing: Awaitable[Recorded] | None) -> None:

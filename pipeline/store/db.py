@@ -330,8 +330,12 @@ class Store:
         self, rows: OutcomeRows, *, claims: Sequence[tuple[Sequence[str], bool]] = ()
     ) -> Recorded:
         """Commit a batch built by :meth:`outcome_rows`, in one transaction; ``claims`` (as
-        :meth:`claim_pages` takes them) go in the same transaction, first."""
-        return await self.start_outcomes(rows, claims=lambda: claims)
+        :meth:`claim_pages` takes them) go in the same transaction, first. Waits for its end
+        even when cancelled meanwhile."""
+        begun = self.start_outcomes(rows, claims=lambda: claims)
+        with anyio.CancelScope(shield=True):
+            recorded = await begun
+        return recorded
 
     def start_outcomes(
         self, rows: OutcomeRows, *, claims: Callable[[], Sequence[tuple[Sequence[str], bool]]] = tuple
