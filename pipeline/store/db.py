@@ -1345,6 +1345,16 @@ _LOAD_KEYS = ("run_id", "custom_id", "seq", "body_sha256", "state", "attempts", 
 _LOAD_INPUT_KEYS = ("run_id", "seq", "body", "record")
 
 # The columns of the rows below, in their order (Prepared checks them against the table).
+# The usage's token details: zero in most answers, so one value in a batch (see _ATTEMPT_SHARED).
+_TOKEN_DETAILS = (
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "audio_prompt_tokens",
+    "audio_completion_tokens",
+    "accepted_prediction_tokens",
+    "rejected_prediction_tokens",
+)
 _ATTEMPT_KEYS = (
     "run_id",
     "custom_id",
@@ -1374,13 +1384,7 @@ _ATTEMPT_KEYS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "audio_prompt_tokens",
-    "audio_completion_tokens",
-    "accepted_prediction_tokens",
-    "rejected_prediction_tokens",
+    *_TOKEN_DETAILS,
     "usage_estimated",
     "usage_json",
     "reported_cost_picousd",
@@ -1401,13 +1405,7 @@ _ATTEMPT_SHARED = (
     "cost_note",
     "stream",
     "partial",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "audio_prompt_tokens",
-    "audio_completion_tokens",
-    "accepted_prediction_tokens",
-    "rejected_prediction_tokens",
+    *_TOKEN_DETAILS,
     "usage_estimated",
 )
 _ATTEMPT_FIELDS = attrgetter(*_ATTEMPT_KEYS[2:23])  # one C call for the 21 of them

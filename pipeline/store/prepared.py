@@ -193,7 +193,6 @@ class Rows:
         if shared:
             # every parameter numbered: the shared ones first, then each row's, in order
             refs = {k: f"?{j + 1}" for j, k in enumerate(shared)}
-            kept = [k for k in range(self.width) if k not in nulls and k not in shared]
             number = len(shared) + 1
             values = []
             for _ in range(size):
@@ -207,7 +206,7 @@ class Rows:
                         cells.append(f"?{number}")
                         number += 1
                 values.append("(" + ",".join(cells) + ")")
-            assert number - 1 == len(shared) + size * len(kept)
+            assert number - 1 == len(shared) + size * (self.width - len(nulls) - len(shared))
             sql = self.template.format(values=",".join(values))
         else:
             row = "(" + ",".join("NULL" if k in nulls else "?" for k in range(self.width)) + ")"
