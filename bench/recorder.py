@@ -31,6 +31,7 @@ nothing).
     python bench/recorder.py --short         # 2,000, a few seconds
     python bench/recorder.py --vs-rps 4800   # the ratio to that rate, scenario 1 not run
     python bench/recorder.py --prompt-bytes 4000   # requests with ~4 KB prompts (default ~130 B)
+    python bench/recorder.py --random-ids -n 200000 --vs-rps 6000   # UUIDs for custom ids
 
 Figures are printed, never asserted; the exit status is non-zero only if the harness is broken
 (a variant did not record every outcome).
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import hashlib
 import os
 import platform
 import sqlite3
@@ -48,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -119,7 +122,10 @@ class Result:
 # --------------------------------------------------------------------------- synthetic data
 
 
-def custom_id(i: int) -> str:
+def custom_id(i: int, random_ids: bool = False) -> str:
+    """The i-th request's id: in input order, or (``random_ids``) a UUID as many inputs have."""
+    if random_ids:
+        return str(uuid.UUID(bytes=hashlib.md5(i.to_bytes(8, "little")).digest(), version=4))
     return f"r{i:07d}"
 
 
@@ -131,14 +137,14 @@ def body(i: int, prompt_bytes: int = 0) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": text}], "max_tokens": 16}
 
 
-def request_rows(n: int, prompt_bytes: int = 0) -> list[list[dict[str, Any]]]:
+def request_rows(n: int, prompt_bytes: int = 0, random_ids: bool = False) -> list[list[dict[str, Any]]]:
     """Batches of request rows as ``pipeline.run._request_row`` makes them."""
     rows = []
     for i in range(n):
         raw = orjson.dumps(body(i, prompt_bytes))
         rows.append(
             {
-                "custom_id": custom_id(i),
+                "custom_id": custom_id(i, random_ids),
                 "seq": i,
                 "body_sha256": f"{i:064x}",
                 "body": raw.decode(),
@@ -150,7 +156,7 @@ def request_rows(n: int, prompt_bytes: int = 0) -> list[list[dict[str, Any]]]:
     return [rows[k : k + LOAD_BATCH] for k in range(0, n, LOAD_BATCH)]
 
 
-def outcome(i: int) -> Outcome:
+def outcome(i: int, random_ids: bool = False) -> Outcome:
     """One succeeded request, sized like a mock-small answer (raw body ~630 bytes). What differs
     between a run's requests differs here too: the answer, ids, token counts and so the cost,
     latency, start time; the run, route, status and zero token details are one for all."""
@@ -217,7 +223,7 @@ def outcome(i: int) -> Outcome:
         cost_picousd=prompt_tokens * 150_000 + completion_tokens * 600_000,  # $0.15 / $0.60 per 1M
         cost_source="spec",
     )
-    return Outcome(seq=i, custom_id=custom_id(i), state="succeeded", attempts=[attempt])
+    return Outcome(seq=i, custom_id=custom_id(i, random_ids), state="succeeded", attempts=[attempt])
 
 
 # --------------------------------------------------------------------------- measuring
@@ -261,7 +267,9 @@ def timed_start(fn: Callable[..., Awaitable[Recorded]], into: Timed) -> Callable
     return wrapper
 
 
-async def measure(variant: Variant, n: int, folder: Path, prompt_bytes: int = 0) -> Result:
+async def measure(
+    variant: Variant, n: int, folder: Path, prompt_bytes: int = 0, random_ids: bool = False
+) -> Result:
     result = Result(variant, n)
     db = folder / "r.db"
     store = await Store.open(f"sqlite+aiosqlite:///{db}")
@@ -274,7 +282,7 @@ async def measure(variant: Variant, n: int, folder: Path, prompt_bytes: int = 0)
             input_sha256="0" * 64,
             state="running",
         )
-        batches = request_rows(n, prompt_bytes)
+        batches = request_rows(n, prompt_bytes, random_ids)
 
         async def load() -> AsyncIterator[list[dict[str, Any]]]:
             for b in batches:
@@ -284,7 +292,7 @@ async def measure(variant: Variant, n: int, folder: Path, prompt_bytes: int = 0)
         await store.load_requests(RUN_ID, load())
         result.load_s = time.perf_counter() - t0
 
-        outcomes = [outcome(i) for i in range(n)]
+        outcomes = [outcome(i, random_ids) for i in range(n)]
         commits, claims = Timed(), Timed()
         store.start_outcomes = timed_start(store.start_outcomes, commits)  # type: ignore[method-assign]
         store.claim_pages = timed(store.claim_pages, claims)  # type: ignore[method-assign]
@@ -298,7 +306,7 @@ async def measure(variant: Variant, n: int, folder: Path, prompt_bytes: int = 0)
                 for k in range(0, n, PAGE):
                     page = outcomes[k : k + PAGE]
                     if variant.claims:
-                        claim = Claim([o.custom_id for o in page])
+                        claim = Claim([o.seq for o in page])
                         waits.append(claim)
                         result.claims_sent += 1
                         await send.send(claim)
@@ -321,8 +329,7 @@ async def measure(variant: Variant, n: int, folder: Path, prompt_bytes: int = 0)
         await store.close()
     with sqlite3.connect(db) as conn:
         (result.db_rows,) = conn.execute(
-            "SELECT COUNT(*) FROM request r JOIN completion c USING (run_id, custom_id) "
-            "WHERE r.state = 'succeeded'"
+            "SELECT COUNT(*) FROM request r JOIN completion c USING (run_id, seq) WHERE r.state = 'succeeded'"
         ).fetchone()
     return result
 
@@ -398,11 +405,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="pad each request's prompt to about this many bytes (default: ~130-byte requests)",
     )
+    parser.add_argument(
+        "--random-ids",
+        action="store_true",
+        help="requests named by UUIDs (random order) instead of ids in input order",
+    )
     args = parser.parse_args(argv)
     n = args.n or (2_000 if args.short else 50_000)
     print(
         f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}; {os.cpu_count()} cores; "
-        f"request bodies of {len(orjson.dumps(body(0, args.prompt_bytes))):,} bytes; {common.load_average()}"
+        f"request bodies of {len(orjson.dumps(body(0, args.prompt_bytes))):,} bytes; "
+        f"custom ids {'UUIDs (random order)' if args.random_ids else 'in input order'}; "
+        f"{common.load_average()}"
     )
     results = []
     versus: list[float] = []  # scenario 1's req/s, before and after the variants
@@ -413,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  scenario 1 pipeline   {versus[-1]:>9,.0f} req/s", file=sys.stderr, flush=True)
         for variant in VARIANTS:
             with tempfile.TemporaryDirectory(prefix="bench-recorder-") as tmp:
-                r = asyncio.run(measure(variant, n, Path(tmp), args.prompt_bytes))
+                r = asyncio.run(measure(variant, n, Path(tmp), args.prompt_bytes, args.random_ids))
             results.append(r)
             print(
                 f"  {variant.name:<22} {r.rate:>9,.0f} outcomes/s  {r.wall_s:5.1f} s (load {r.load_s:.1f} s)",

@@ -52,7 +52,7 @@ class Claim:
     ``done`` is set once the claim is committed (``committed``), or once the recorder has
     stopped without committing it: it failed, ``committed`` stays False and the run stops."""
 
-    custom_ids: Sequence[str]
+    seqs: Sequence[int]  # the requests' positions in the input
     release: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
     committed: bool = False
@@ -186,10 +186,10 @@ class Recorder:
         taken = batch.claims
         waiting = self._claims
 
-        def claims() -> list[tuple[Sequence[str], bool]]:
+        def claims() -> list[tuple[Sequence[int], bool]]:
             """As the transaction starts: the claims waiting go in it (they would wait for it)."""
             _take(waiting, taken)
-            return [(c.custom_ids, c.release) for c in taken]
+            return [(c.seqs, c.release) for c in taken]
 
         batch.committing = self.store.start_outcomes(batch.rows, claims=claims)
         self._begun.append(batch)
@@ -216,7 +216,7 @@ class Recorder:
         _take(self._claims, claims)
         with anyio.CancelScope(shield=True):
             try:
-                await self.store.claim_pages(self.run_id, [(c.custom_ids, c.release) for c in claims])
+                await self.store.claim_pages(self.run_id, [(c.seqs, c.release) for c in claims])
                 for c in claims:
                     c.committed = True
             finally:

@@ -726,17 +726,13 @@ async def _dispatch(
     recorder_done = anyio.Event()
     dispatch_done = anyio.Event()
     stopping = anyio.Event()
-    unsent: list[str] = []
+    unsent: list[Task] = []
 
     control = out_send.clone()  # the feeder's claims, and giving back what was never sent
     leftover = task_recv.clone()  # to find tasks still queued when the run stops
 
-    async def claim(ids: list[str], *, release: bool = False) -> None:
-        if plan.lease is not None:  # workers share the run: straight to the database
-            if release:
-                await store.release_leases(plan.run_id, plan.lease.worker_id, ids)
-            return
-        c = Claim(ids, release=release)
+    async def claim(seqs: list[int], *, release: bool = False) -> None:
+        c = Claim(seqs, release=release)
         await control.send(c)
         await c.done.wait()
 
@@ -753,7 +749,7 @@ async def _dispatch(
             page = await store.pending_page(plan.run_id, after, size, plan.states)
             if not page or not worker.may_dispatch():
                 return None
-            await claim([row[1] for row in page])
+            await claim([row[0] for row in page])
             return page
         lease = plan.lease
         while not stopping.is_set() and worker.may_dispatch():
@@ -789,7 +785,7 @@ async def _dispatch(
                             await send.send(task)
                         sent += 1
                 finally:  # also when cancelled: what was claimed but not handed over is unsent
-                    unsent.extend(t.custom_id for t in tasks[sent:])
+                    unsent.extend(tasks[sent:])
                 after = page[-1][0]
 
     async def heartbeat(lease: _Lease) -> None:
@@ -819,7 +815,7 @@ async def _dispatch(
                     return None
                 if not stopping.is_set() and worker.may_dispatch():
                     return task
-                unsent.append(task.custom_id)
+                unsent.append(task)
 
         async def give(outcome: Outcome) -> None:
             await hand_on(send, outcome)
@@ -888,13 +884,17 @@ async def _dispatch(
         with leftover:
             while True:
                 try:
-                    unsent.append(leftover.receive_nowait().custom_id)
+                    unsent.append(leftover.receive_nowait())
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
         async with control:
             if unsent:  # claimed but never sent: not paid for, so plainly pending again
                 with anyio.CancelScope(shield=True):
-                    await claim(unsent, release=True)
+                    if plan.lease is not None:  # workers share the run: straight to the database
+                        ids = [t.custom_id for t in unsent]
+                        await store.release_leases(plan.run_id, plan.lease.worker_id, ids)
+                    else:
+                        await claim([t.seq for t in unsent], release=True)
         await recorder_done.wait()
         outer.cancel_scope.cancel()
     if display is not None:

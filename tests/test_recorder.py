@@ -30,11 +30,11 @@ class Watched(Store):
     log: list[tuple[Any, ...]]
 
     def start_outcomes(
-        self, rows: OutcomeRows, *, claims: Callable[[], Sequence[tuple[Sequence[str], bool]]] = tuple
+        self, rows: OutcomeRows, *, claims: Callable[[], Sequence[tuple[Sequence[int], bool]]] = tuple
     ) -> Awaitable[Recorded]:
         taken: list[int] = []
 
-        def counted() -> Sequence[tuple[Sequence[str], bool]]:
+        def counted() -> Sequence[tuple[Sequence[int], bool]]:
             pages = claims()
             taken.append(len(pages))
             return pages
@@ -48,7 +48,7 @@ class Watched(Store):
 
         return logged()
 
-    async def claim_pages(self, run_id: str, pages: Sequence[tuple[Sequence[str], bool]]) -> None:
+    async def claim_pages(self, run_id: str, pages: Sequence[tuple[Sequence[int], bool]]) -> None:
         await super().claim_pages(run_id, pages)
         self.log.append(("claims", len(pages)))
 
@@ -79,7 +79,7 @@ def test_claims_are_in_the_database_when_done_and_do_not_close_the_batch(workdir
     ``done`` is set, while outcomes keep gathering into batches of 50: three outcome commits for
     120 outcomes, every outcome and claim committed, in order of arrival."""
     answers = _answered(120)
-    ids = [o.custom_id for o in answers]
+    seqs = [o.seq for o in answers]
     seen: list[tuple[str, ...]] = []
 
     async def go() -> Watched:
@@ -92,13 +92,13 @@ def test_claims_are_in_the_database_when_done_and_do_not_close_the_batch(workdir
                 tg.start_soon(recorder.run, receive)
                 async with send:
                     for k in range(0, 120, 10):
-                        claim = Claim(ids[k : k + 10])
+                        claim = Claim(seqs[k : k + 10])
                         await send.send(claim)
                         await claim.done.wait()  # as the feeder does: send only what is claimed
                         assert claim.committed
                         got = await store.execute_text(
-                            "SELECT DISTINCT state FROM request WHERE custom_id IN ("
-                            + ", ".join(f"'{c}'" for c in claim.custom_ids)
+                            "SELECT DISTINCT state FROM request WHERE seq IN ("
+                            + ", ".join(str(seq) for seq in claim.seqs)
                             + ")"
                         )
                         seen.append(tuple(r["state"] for r in got))
@@ -139,14 +139,14 @@ def test_outcomes_are_committed_whatever_their_kind_and_counted(workdir: Path, d
             async with anyio.create_task_group() as tg:
                 tg.start_soon(recorder.run, receive)
                 async with send:
-                    claim = Claim([o.custom_id for o in every])
+                    claim = Claim([o.seq for o in every])
                     await send.send(claim)
                     await claim.done.wait()
                     for i, o in enumerate(every):
                         await send.send(o)
                         if i % 50 == 49:
                             await anyio.sleep(0.03)  # batches closed by time too
-                    await send.send(Claim([o.custom_id for o in every], release=True))  # none in flight
+                    await send.send(Claim([o.seq for o in every], release=True))  # none in flight
         finally:
             await store.close()
         return recorder
@@ -165,7 +165,7 @@ def test_outcomes_are_committed_whatever_their_kind_and_counted(workdir: Path, d
 
 class Failing(Watched):
     def start_outcomes(
-        self, rows: OutcomeRows, *, claims: Callable[[], Sequence[tuple[Sequence[str], bool]]] = tuple
+        self, rows: OutcomeRows, *, claims: Callable[[], Sequence[tuple[Sequence[int], bool]]] = tuple
     ) -> Awaitable[Recorded]:
         async def refused() -> Recorded:
             raise StorageError("database p.db is locked by another process (is another run using it?)")
@@ -179,7 +179,7 @@ def test_a_failed_commit_stops_the_recorder_with_its_error_and_frees_waiting_cla
     """The database refuses a batch: Recorder.run raises that StorageError (not a group), and
     claims it had not committed are done, marked not committed (no feeder waits forever)."""
     answers = _answered(5)
-    claims = [Claim([f"x-{i}"]) for i in range(3)]
+    claims = [Claim([1000 + i]) for i in range(3)]
 
     async def go() -> None:
         store = await Failing.open(db_url(db))

@@ -49,7 +49,7 @@ def test_blank_database_migrates_to_head_with_tables_and_views(workdir: Path, db
     assert {"run", "request", "request_input", "attempt", "completion"} <= tables
     assert views == set(VIEWS)
     assert query(db, "SELECT version_num FROM alembic_version") == [(head,)]
-    assert head == "0005"
+    assert head == "0006"
 
 
 async def _migrate_to(store: Store, revision: str, *, down: bool = False) -> None:
@@ -137,6 +137,120 @@ def test_bodies_of_runs_before_0005_move_to_request_input_and_back(workdir: Path
     ]
 
 
+def test_attempts_before_0006_are_keyed_by_their_requests_seq_and_back(workdir: Path, db: str) -> None:
+    """A database of revision 0005 with attempts and completions keyed by custom id (ids not in
+    input order): after the upgrade each row has its request's seq and is keyed by it, every
+    value kept, the audit view answers as before; the downgrade keys them by custom id again."""
+    ids = ["f3c1", "0a9e", "7d42"]  # seq 0, 1, 2
+    rows = [("f3c1", 1, "timeout", None), ("f3c1", 2, "success", "first"), ("7d42", 1, "success", "third")]
+
+    async def go() -> tuple[Any, ...]:
+        store = await Store.open(db_url(db), migrate=False)
+        try:
+            await _migrate_to(store, "0005")
+            now = utcnow()
+            async with store.engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO run (run_id, job, spec_json, input_path, input_sha256, loaded, state, "
+                        "created_at) VALUES ('r', 'j', '{}', 'x', 'h', :t, 'running', :now)"
+                    ),
+                    {"t": True, "now": now},
+                )
+                for seq, cid in enumerate(ids):
+                    done = cid != "0a9e"
+                    await conn.execute(
+                        text(
+                            "INSERT INTO request (run_id, custom_id, seq, body_sha256, state, attempts, "
+                            "final_attempt_no) VALUES ('r', :cid, :seq, 'h', :state, :n, :final)"
+                        ),
+                        {
+                            "cid": cid,
+                            "seq": seq,
+                            "state": "succeeded" if done else "pending",
+                            "n": {"f3c1": 2, "7d42": 1}.get(cid, 0),
+                            "final": {"f3c1": 2, "7d42": 1}.get(cid),
+                        },
+                    )
+                for cid, no, outcome, content in rows:
+                    await conn.execute(
+                        text(
+                            "INSERT INTO attempt (run_id, custom_id, attempt_no, endpoint, base_url, model, "
+                            "started_at, outcome, prompt_tokens) "
+                            "VALUES ('r', :cid, :no, 'e', 'http://x', 'm', :now, :outcome, :no)"
+                        ),
+                        {"cid": cid, "no": no, "now": now, "outcome": outcome},
+                    )
+                    if content is not None:
+                        await conn.execute(
+                            text(
+                                "INSERT INTO completion (run_id, custom_id, attempt_no, content, raw) "
+                                "VALUES ('r', :cid, :no, :content, '{}')"
+                            ),
+                            {"cid": cid, "no": no, "content": content},
+                        )
+
+            async def state() -> tuple[Any, ...]:
+                async with store.engine.connect() as conn:
+                    keys = await conn.run_sync(
+                        lambda c: [
+                            inspect(c).get_pk_constraint(t)["constrained_columns"]
+                            for t in ("attempt", "completion")
+                        ]
+                    )
+                    if conn.dialect.name == "sqlite":  # PostgreSQL checks every key as it goes
+                        assert (await conn.execute(text("PRAGMA foreign_key_check"))).all() == []
+                    view = (
+                        await conn.execute(
+                            text(
+                                "SELECT custom_id, seq, content, prompt_tokens FROM request_result "
+                                "ORDER BY seq"
+                            )
+                        )
+                    ).all()
+                    counts = (await conn.execute(text("SELECT COUNT(*) FROM attempt_bill"))).all()
+                return keys, [tuple(r) for r in view], counts
+
+            await store.migrate()
+            upgraded = await state()
+            async with store.engine.connect() as conn:
+                attempts = (
+                    await conn.execute(
+                        text(
+                            "SELECT seq, custom_id, attempt_no, outcome FROM attempt ORDER BY seq, attempt_no"
+                        )
+                    )
+                ).all()
+                completions = (
+                    await conn.execute(
+                        text("SELECT seq, custom_id, attempt_no, content FROM completion ORDER BY seq")
+                    )
+                ).all()
+            results = [(r["custom_id"], r["content"]) async for page in store.iter_results("r") for r in page]
+            await _migrate_to(store, "0005", down=True)
+            downgraded = await state()
+            async with store.engine.connect() as conn:
+                columns = await conn.run_sync(
+                    lambda c: [k["name"] for k in inspect(c).get_columns("attempt")]
+                )
+            return upgraded, downgraded, attempts, completions, results, columns
+        finally:
+            await store.close()
+
+    upgraded, downgraded, attempts, completions, results, columns = anyio.run(go)
+    view = [("f3c1", 0, "first", 2), ("0a9e", 1, None, None), ("7d42", 2, "third", 1)]
+    assert upgraded == ([["run_id", "seq", "attempt_no"]] * 2, view, [(3,)])
+    assert [tuple(r) for r in attempts] == [
+        (0, "f3c1", 1, "timeout"),
+        (0, "f3c1", 2, "success"),
+        (2, "7d42", 1, "success"),
+    ]
+    assert [tuple(r) for r in completions] == [(0, "f3c1", 2, "first"), (2, "7d42", 1, "third")]
+    assert results == [("f3c1", "first"), ("0a9e", None), ("7d42", "third")]
+    assert downgraded == ([["run_id", "custom_id", "attempt_no"]] * 2, view, [(3,)])
+    assert "seq" not in columns
+
+
 @pytest.mark.sqlite_only("WAL is a SQLite journal mode")
 def test_sqlite_database_runs_in_wal_mode(workdir: Path, db: str) -> None:
     """A SQLite file opened by the store is in WAL mode."""
@@ -184,11 +298,12 @@ def test_views_answer_on_an_empty_database(workdir: Path, db: str) -> None:
 # -- the recorder's statements ---------------------------------------------------------------
 
 
-def _attempt_values(run_id: str, cid: str, a: Attempt) -> dict[str, Any]:
+def _attempt_values(run_id: str, o: Outcome, a: Attempt) -> dict[str, Any]:
     u = a.usage
     return {
         "run_id": run_id,
-        "custom_id": cid,
+        "seq": o.seq,
+        "custom_id": o.custom_id,
         "attempt_no": a.attempt_no,
         "endpoint": a.endpoint,
         "base_url": a.base_url,
@@ -227,13 +342,14 @@ def _attempt_values(run_id: str, cid: str, a: Attempt) -> dict[str, Any]:
     }
 
 
-def _completion_values(run_id: str, cid: str, a: Attempt) -> dict[str, Any]:
+def _completion_values(run_id: str, o: Outcome, a: Attempt) -> dict[str, Any]:
     c = a.completion
     assert c is not None
     first = c.choices[0]
     return {
         "run_id": run_id,
-        "custom_id": cid,
+        "seq": o.seq,
+        "custom_id": o.custom_id,
         "attempt_no": a.attempt_no,
         "response_id": c.response_id,
         "model": c.model,
@@ -260,9 +376,9 @@ async def _record_plainly(store: Store, run_id: str, outcomes: Sequence[Outcome]
     async with store.engine.begin() as conn:
         for o in outcomes:
             for a in o.attempts:
-                await conn.execute(insert(attempt).values(_attempt_values(run_id, o.custom_id, a)))
+                await conn.execute(insert(attempt).values(_attempt_values(run_id, o, a)))
                 if a.completion is not None:
-                    await conn.execute(insert(completion).values(_completion_values(run_id, o.custom_id, a)))
+                    await conn.execute(insert(completion).values(_completion_values(run_id, o, a)))
             where = (request.c.run_id == run_id) & (request.c.custom_id == o.custom_id)
             old = (await conn.execute(select(request).where(where))).mappings().one()
             costs = [a.cost_picousd for a in o.attempts if a.cost_picousd is not None]
@@ -425,6 +541,32 @@ def test_pages_of_requests_are_read_in_seq_order_from_an_index_not_sorted(db: st
         assert "TEMP B-TREE" not in plan and "SCAN request " not in plan + " ", (statement, plan)
 
 
+@pytest.mark.sqlite_only("SQLite's query plans")
+def test_the_recorders_updates_find_each_request_by_its_seq_in_an_index(db: str) -> None:
+    """Claims, give-backs and a batch's finishing UPDATE look each request up by (run_id, seq)
+    in an index, never by going through the run's requests (nor by custom_id, which is often
+    random and would take a page of the index per request)."""
+    every = outcomes.varied(40)
+
+    async def go() -> list[tuple[str, Any]]:
+        store = await _loaded(db_url(db), 300)
+        try:
+            writer = store._writer
+            assert writer is not None
+            rows = store.outcome_rows("r", every)
+            assert rows.statements is not None and rows.finish_once
+            updates = [(sql, params) for sql, params in rows.statements if sql.startswith("UPDATE")]
+            claims = writer.statements.claims("r", [([1, 2, 3], False), ([2], True)], utcnow())
+            assert updates and len(claims) == 2  # finishing the batch's requests; claim, give back
+            return updates + claims
+        finally:
+            await store.close()
+
+    for statement, parameters in anyio.run(go):
+        plan = " / ".join(row[3] for row in query(db, "EXPLAIN QUERY PLAN " + statement, *parameters))
+        assert "SCAN request" not in plan and re.search(r"SEARCH request USING .*seq=\?", plan), plan
+
+
 def test_a_batch_that_fails_leaves_nothing_of_itself(db: str, workdir: Path) -> None:
     """An outcome for a request that is not in the run: StorageError, and none of the batch's
     rows are stored (its good outcomes neither)."""
@@ -450,13 +592,15 @@ def test_claims_in_one_transaction_mark_and_give_back_requests(db: str, workdir:
     """claim_pages: pages claimed (in flight, with the claim time) and given back (only those
     still in flight: pending again, claim time cleared), in order."""
     ids = [outcomes.custom_id(i) for i in range(10)]
+    seqs = list(range(10))
 
     async def go() -> None:
         store = await _loaded(db_url(db), 10)
         try:
-            await store.claim_pages("r", [(ids[:4], False), (ids[4:8], False), (ids[2:6], True), ([], False)])
-            await store.claim("r", ids[9:], release=True)  # not in flight: left alone
-            await store.claim("r", ids[8:9])
+            pages = [(seqs[:4], False), (seqs[4:8], False), (seqs[2:6], True), ([], False)]
+            await store.claim_pages("r", pages)
+            await store.claim("r", seqs[9:], release=True)  # not in flight: left alone
+            await store.claim("r", seqs[8:9])
         finally:
             await store.close()
 

@@ -249,13 +249,14 @@ class Store:
         async with self._conn(write=False) as conn:
             return [tuple(r) for r in (await conn.execute(q)).all()]
 
-    async def claim(self, run_id: str, custom_ids: Sequence[str], *, release: bool = False) -> None:
-        """Write-ahead: mark requests in flight before they are sent (or give them back)."""
-        await self.claim_pages(run_id, [(custom_ids, release)])
+    async def claim(self, run_id: str, seqs: Sequence[int], *, release: bool = False) -> None:
+        """Write-ahead: mark requests (by their ``seq``) in flight before they are sent (or
+        give them back)."""
+        await self.claim_pages(run_id, [(seqs, release)])
 
-    async def claim_pages(self, run_id: str, pages: Sequence[tuple[Sequence[str], bool]]) -> None:
+    async def claim_pages(self, run_id: str, pages: Sequence[tuple[Sequence[int], bool]]) -> None:
         """Several claims, as :meth:`claim` makes them, in order and in one transaction:
-        (custom_ids, release) each."""
+        (seqs, release) each."""
         pages = [(ids, release) for ids, release in pages if ids]
         if not pages:
             return
@@ -297,11 +298,11 @@ class Store:
         )
         for o in outcomes:
             cost = reported = None
-            cid = o.custom_id
+            cid, seq = o.custom_id, o.seq
             for a in o.attempts:
-                add_attempt(_attempt_row(run_id, cid, a))
+                add_attempt(_attempt_row(run_id, cid, seq, a))
                 if a.completion is not None:
-                    add_completion(_completion_row(run_id, cid, a))
+                    add_completion(_completion_row(run_id, cid, seq, a))
                 if a.cost_picousd is not None:
                     cost = (cost or 0) + a.cost_picousd
                 u = a.usage
@@ -311,7 +312,7 @@ class Store:
             add_request(
                 (
                     run_id,
-                    cid,
+                    seq,
                     o.state,
                     len(o.attempts),
                     final.attempt_no if final else None,
@@ -327,7 +328,7 @@ class Store:
         return rows
 
     async def write_outcomes(
-        self, rows: OutcomeRows, *, claims: Sequence[tuple[Sequence[str], bool]] = ()
+        self, rows: OutcomeRows, *, claims: Sequence[tuple[Sequence[int], bool]] = ()
     ) -> Recorded:
         """Commit a batch built by :meth:`outcome_rows`, in one transaction; ``claims`` (as
         :meth:`claim_pages` takes them) go in the same transaction, first. Waits for its end
@@ -338,7 +339,7 @@ class Store:
         return recorded
 
     def start_outcomes(
-        self, rows: OutcomeRows, *, claims: Callable[[], Sequence[tuple[Sequence[str], bool]]] = tuple
+        self, rows: OutcomeRows, *, claims: Callable[[], Sequence[tuple[Sequence[int], bool]]] = tuple
     ) -> Awaitable[Recorded]:
         """:meth:`write_outcomes`, begun at once where it can be: on a SQLite file the
         transaction is queued for the writer's thread now, behind those begun before, and
@@ -376,7 +377,7 @@ class Store:
         return writer.submit(record)
 
     async def _write_outcomes(
-        self, rows: OutcomeRows, claims: Callable[[], Sequence[tuple[Sequence[str], bool]]]
+        self, rows: OutcomeRows, claims: Callable[[], Sequence[tuple[Sequence[int], bool]]]
     ) -> Recorded:
         """write_outcomes through the engine (PostgreSQL; workers sharing a run)."""
         run_id, outcomes, owner = rows.run_id, rows.outcomes, rows.owner
@@ -506,14 +507,14 @@ class Store:
             a,
             and_(
                 a.c.run_id == r.c.run_id,
-                a.c.custom_id == r.c.custom_id,
+                a.c.seq == r.c.seq,
                 a.c.attempt_no == r.c.final_attempt_no,
             ),
         ).outerjoin(
             c,
             and_(
                 c.c.run_id == a.c.run_id,
-                c.c.custom_id == a.c.custom_id,
+                c.c.seq == a.c.seq,
                 c.c.attempt_no == a.c.attempt_no,
             ),
         )
@@ -882,10 +883,10 @@ async def _reconcile(
             row[_STATE], row[_FINAL], row[_ERROR] = "succeeded", None, None
         request_rows[i] = tuple(row)
     if shift:
-        for rows in (attempt_rows, completion_rows):  # (run_id, custom_id, attempt_no, ...)
+        for rows in (attempt_rows, completion_rows):  # (run_id, custom_id, seq, attempt_no, ...)
             for i, r in enumerate(rows):
                 if r[1] in shift:
-                    rows[i] = (*r[:2], r[2] + shift[r[1]], *r[3:])
+                    rows[i] = (*r[:3], r[3] + shift[r[1]], *r[4:])
     return kept, set(shift)
 
 
@@ -904,7 +905,7 @@ async def _request_totals(
     return out
 
 
-async def _claim(conn: AsyncConnection, run_id: str, pages: Sequence[tuple[Sequence[str], bool]]) -> None:
+async def _claim(conn: AsyncConnection, run_id: str, pages: Sequence[tuple[Sequence[int], bool]]) -> None:
     """Store.claim_pages' statements, the plain SQLAlchemy way."""
     now = utcnow()
     for ids, release in pages:
@@ -914,7 +915,7 @@ async def _claim(conn: AsyncConnection, run_id: str, pages: Sequence[tuple[Seque
         else:
             values, current = {"state": "in_flight", "claimed_at": now}, None
         for chunk in chunked(ids, 500):
-            q = update(request).where(request.c.run_id == run_id, request.c.custom_id.in_(chunk))
+            q = update(request).where(request.c.run_id == run_id, request.c.seq.in_(chunk))
             if current is not None:
                 q = q.where(request.c.state == current)
             await conn.execute(q.values(**values))
@@ -964,7 +965,7 @@ _FINISH = (
     .where(
         and_(
             request.c.run_id == bindparam("b_run_id"),
-            request.c.custom_id == bindparam("b_custom_id"),
+            request.c.seq == bindparam("b_seq", type_=BigInteger),
         )
     )
     .values(
@@ -982,7 +983,7 @@ _FINISH = (
 )
 _FINISH_KEYS = (
     "b_run_id",
-    "b_custom_id",
+    "b_seq",
     "b_state",
     "b_n",
     "b_final",
@@ -1093,7 +1094,7 @@ class _SqliteStatements:
             f"ELSE coalesce(request.reported_cost_picousd, 0) + {v['b_reported']} END, "
             f"finished_at = {v['b_finished']} "
             "FROM (VALUES {values}) AS v "
-            f"WHERE request.run_id = {v['b_run_id']} AND request.custom_id = {v['b_custom_id']}",
+            f"WHERE request.run_id = {v['b_run_id']} AND request.seq = {v['b_seq']}",
             len(_FINISH_KEYS),
             max_rows=rows_for(len(_FINISH_KEYS)),
             shared=[_FINISH_KEYS.index(k) for k in _FINISH_SHARED],
@@ -1118,10 +1119,10 @@ class _SqliteStatements:
         return statements
 
     def claims(
-        self, run_id: str, pages: Sequence[tuple[Sequence[str], bool]], now: datetime
+        self, run_id: str, pages: Sequence[tuple[Sequence[int], bool]], now: datetime
     ) -> list[tuple[str, Any]]:
         """The statements of claim pages: consecutive pages of one kind in one statement."""
-        merged: list[tuple[list[str], bool]] = []
+        merged: list[tuple[list[int], bool]] = []
         for ids, release in pages:
             if merged and merged[-1][1] == release:
                 merged[-1][0].extend(ids)
@@ -1130,20 +1131,21 @@ class _SqliteStatements:
         return [self.claim(run_id, ids, release, now) for ids, release in merged]
 
     def claim(
-        self, run_id: str, custom_ids: Sequence[str], release: bool, now: datetime
+        self, run_id: str, seqs: Sequence[int], release: bool, now: datetime
     ) -> tuple[str, tuple[Any, ...]]:
-        """Store.claim's statement for any number of requests: their ids as one JSON array."""
-        ids = orjson.dumps(list(custom_ids)).decode()
+        """Store.claim's statement for any number of requests: their seqs as one JSON array."""
+        ids = orjson.dumps(list(seqs)).decode()
         if release:
             return (
-                # +state: found by their ids, not among all requests in flight (SQLite's planner)
+                # each found in the state index by (run_id, state, seq): with "+state" (no
+                # index on it) SQLite's planner went through all the run's requests instead
                 "UPDATE request SET state = 'pending', claimed_at = NULL WHERE run_id = ? "
-                "AND +state = 'in_flight' AND custom_id IN (SELECT value FROM json_each(?))",
+                "AND state = 'in_flight' AND seq IN (SELECT value FROM json_each(?))",
                 (run_id, ids),
             )
         return (
             "UPDATE request SET state = 'in_flight', claimed_at = ? WHERE run_id = ? "
-            "AND custom_id IN (SELECT value FROM json_each(?))",
+            "AND seq IN (SELECT value FROM json_each(?))",
             (self.stamp(now), run_id, ids),
         )
 
@@ -1358,6 +1360,7 @@ _TOKEN_DETAILS = (
 _ATTEMPT_KEYS = (
     "run_id",
     "custom_id",
+    "seq",
     # the Attempt's own fields, by their names (_ATTEMPT_FIELDS)
     "attempt_no",
     "endpoint",
@@ -1408,7 +1411,7 @@ _ATTEMPT_SHARED = (
     *_TOKEN_DETAILS,
     "usage_estimated",
 )
-_ATTEMPT_FIELDS = attrgetter(*_ATTEMPT_KEYS[2:23])  # one C call for the 21 of them
+_ATTEMPT_FIELDS = attrgetter(*_ATTEMPT_KEYS[3:24])  # one C call for the 21 of them
 _USAGE_COUNTS = attrgetter(
     "prompt",
     "completion",
@@ -1425,16 +1428,17 @@ _USAGE_COUNTS = attrgetter(
 _NO_USAGE = (None,) * 14  # prompt_tokens .. upstream_cost_picousd
 
 
-def _attempt_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
+def _attempt_row(run_id: str, custom_id: str, seq: int, a: Attempt) -> tuple[Any, ...]:
     u = a.usage
     if u is None:
-        return (run_id, custom_id, *_ATTEMPT_FIELDS(a), *_NO_USAGE)
+        return (run_id, custom_id, seq, *_ATTEMPT_FIELDS(a), *_NO_USAGE)
     rc = u.reported_cost
     up = u.upstream_cost
     raw = u.raw
     return (
         run_id,
         custom_id,
+        seq,
         *_ATTEMPT_FIELDS(a),
         *_USAGE_COUNTS(u),
         None if raw is None else orjson.dumps(raw).decode(),
@@ -1446,6 +1450,7 @@ def _attempt_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
 _COMPLETION_KEYS = (
     "run_id",
     "custom_id",
+    "seq",
     "attempt_no",
     "response_id",
     "model",
@@ -1466,7 +1471,7 @@ _COMPLETION_HEAD = attrgetter("response_id", "model", "provider", "system_finger
 _CHOICE = attrgetter("finish_reason", "content", "reasoning", "refusal")
 
 
-def _completion_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
+def _completion_row(run_id: str, custom_id: str, seq: int, a: Attempt) -> tuple[Any, ...]:
     c = a.completion
     assert c is not None
     choices = c.choices
@@ -1475,6 +1480,7 @@ def _completion_row(run_id: str, custom_id: str, a: Attempt) -> tuple[Any, ...]:
     return (
         run_id,
         custom_id,
+        seq,
         a.attempt_no,
         *_COMPLETION_HEAD(c),
         *_CHOICE(first),
