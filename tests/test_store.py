@@ -69,6 +69,21 @@ async def _migrate_to(store: Store, revision: str, *, down: bool = False) -> Non
         await conn.run_sync(move)
 
 
+async def _run_at_revision(store: Store, revision: str) -> datetime:
+    """The store's database at ``revision`` with one run ('r') in it; the time it was made."""
+    await _migrate_to(store, revision)
+    now = utcnow()
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO run (run_id, job, spec_json, input_path, input_sha256, loaded, state, "
+                "created_at) VALUES ('r', 'j', '{}', 'x', 'h', :t, 'running', :now)"
+            ),
+            {"t": True, "now": now},
+        )
+    return now
+
+
 def test_bodies_of_runs_before_0005_move_to_request_input_and_back(workdir: Path, db: str) -> None:
     """A database of revision 0004 with a run (bodies and records in ``request``, one request
     answered): after the upgrade the run's requests read back the same bodies and records from
@@ -80,16 +95,8 @@ def test_bodies_of_runs_before_0005_move_to_request_input_and_back(workdir: Path
     async def go() -> tuple[Any, ...]:
         store = await Store.open(db_url(db), migrate=False)
         try:
-            await _migrate_to(store, "0004")
-            now = utcnow()
+            now = await _run_at_revision(store, "0004")
             async with store.engine.begin() as conn:
-                await conn.execute(
-                    text(
-                        "INSERT INTO run (run_id, job, spec_json, input_path, input_sha256, loaded, state, "
-                        "created_at) VALUES ('r', 'j', '{}', 'x', 'h', :t, 'running', :now)"
-                    ),
-                    {"t": True, "now": now},
-                )
                 for i, body in enumerate(bodies):
                     await conn.execute(
                         text(
@@ -147,16 +154,8 @@ def test_attempts_before_0006_are_keyed_by_their_requests_seq_and_back(workdir: 
     async def go() -> tuple[Any, ...]:
         store = await Store.open(db_url(db), migrate=False)
         try:
-            await _migrate_to(store, "0005")
-            now = utcnow()
+            now = await _run_at_revision(store, "0005")
             async with store.engine.begin() as conn:
-                await conn.execute(
-                    text(
-                        "INSERT INTO run (run_id, job, spec_json, input_path, input_sha256, loaded, state, "
-                        "created_at) VALUES ('r', 'j', '{}', 'x', 'h', :t, 'running', :now)"
-                    ),
-                    {"t": True, "now": now},
-                )
                 for seq, cid in enumerate(ids):
                     done = cid != "0a9e"
                     await conn.execute(
