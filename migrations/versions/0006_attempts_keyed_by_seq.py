@@ -53,6 +53,16 @@ _REQUEST_RESULT = """
         FROM request r"""
 
 
+def _key_columns(by_seq: bool) -> list[sa.Column[Any]]:
+    """``run_id, [seq,] custom_id, attempt_no``: new columns for each table made."""
+    return [
+        sa.Column("run_id", sa.String(128), nullable=False),
+        *([sa.Column("seq", sa.BigInteger(), nullable=False)] if by_seq else []),
+        sa.Column("custom_id", sa.String(256), nullable=False),
+        sa.Column("attempt_no", sa.Integer(), nullable=False),
+    ]
+
+
 def _attempt_columns() -> list[sa.Column[Any]]:
     """The attempt's columns after ``run_id, [seq,] custom_id, attempt_no`` (as of 0005)."""
     return [
@@ -118,21 +128,13 @@ def _rebuild_sqlite(key: str) -> None:
     views = op.get_bind().exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'view'").all()
     for name, _ in views:
         op.execute(f"DROP VIEW {name}")
-    head = [sa.Column("run_id", sa.String(128), nullable=False)]
-    if by_seq:
-        head.append(sa.Column("seq", sa.BigInteger(), nullable=False))
-    ids = [
-        sa.Column("custom_id", sa.String(256), nullable=False),
-        sa.Column("attempt_no", sa.Integer(), nullable=False),
-    ]
     request_key = ["run_id", "seq"] if by_seq else ["run_id", "custom_id"]
     attempt_key = [*request_key, "attempt_no"]
     for table, rest, parent, parent_key in (
         ("attempt", _attempt_columns(), "request", request_key),
         ("completion", _completion_columns(), "attempt_new", attempt_key),
     ):
-        columns = [*head, *ids, *rest]
-        columns = [sa.Column(c.name, c.type, nullable=c.nullable) for c in columns]  # fresh copies
+        columns = [*_key_columns(by_seq), *rest]
         op.create_table(
             f"{table}_new",
             *columns,

@@ -883,10 +883,11 @@ async def _reconcile(
             row[_STATE], row[_FINAL], row[_ERROR] = "succeeded", None, None
         request_rows[i] = tuple(row)
     if shift:
-        for rows in (attempt_rows, completion_rows):  # (run_id, custom_id, seq, attempt_no, ...)
+        for rows, keys in ((attempt_rows, _ATTEMPT_KEYS), (completion_rows, _COMPLETION_KEYS)):
+            cid, no = keys.index("custom_id"), keys.index("attempt_no")
             for i, r in enumerate(rows):
-                if r[1] in shift:
-                    rows[i] = (*r[:3], r[3] + shift[r[1]], *r[4:])
+                if r[cid] in shift:
+                    rows[i] = (*r[:no], r[no] + shift[r[cid]], *r[no + 1 :])
     return kept, set(shift)
 
 
@@ -1411,7 +1412,9 @@ _ATTEMPT_SHARED = (
     *_TOKEN_DETAILS,
     "usage_estimated",
 )
-_ATTEMPT_FIELDS = attrgetter(*_ATTEMPT_KEYS[3:24])  # one C call for the 21 of them
+# The Attempt's own fields (one C call for the 21 of them): from attempt_no to the usage's
+_USAGE_AT = _ATTEMPT_KEYS.index("prompt_tokens")
+_ATTEMPT_FIELDS = attrgetter(*_ATTEMPT_KEYS[_ATTEMPT_KEYS.index("attempt_no") : _USAGE_AT])
 _USAGE_COUNTS = attrgetter(
     "prompt",
     "completion",
@@ -1425,7 +1428,7 @@ _USAGE_COUNTS = attrgetter(
     "rejected_prediction",
     "estimated",
 )
-_NO_USAGE = (None,) * 14  # prompt_tokens .. upstream_cost_picousd
+_NO_USAGE = (None,) * (len(_ATTEMPT_KEYS) - _USAGE_AT)  # prompt_tokens .. upstream_cost_picousd
 
 
 def _attempt_row(run_id: str, custom_id: str, seq: int, a: Attempt) -> tuple[Any, ...]:
