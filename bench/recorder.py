@@ -23,11 +23,13 @@ transactions held claims alone (``Store.claim_pages``: the recorder commits a cl
 in the batch's transaction when a batch is waiting); CPU ms per outcome of the whole process
 (every thread: the database writer's, the WAL checkpoints', the part writer's). The target is
 10x the request rate of ``bench/throughput.py`` scenario 1: that scenario's whole ``pipeline
-run`` is measured in the same run, before and after the variants (machines here are noisy), and
-the ratio to their mean printed (``--vs-rps R`` compares with R instead; ``--short`` with
-nothing).
+run`` is measured in the same run, before each round of the variants and after the last
+(machines here are noisy: the same code's rates differ by a fifth from one minute to the next),
+and each variant's median round is compared with the median of those (``--vs-rps R`` compares
+with R instead; ``--short`` with nothing). Every round's rate is printed beside the median.
 
-    python bench/recorder.py                 # 50,000 outcomes per variant and scenario 1 twice, ~40 s
+    python bench/recorder.py                 # 3 rounds of 50,000 per variant, scenario 1 4 times, ~60-90 s
+    python bench/recorder.py --rounds 1      # one round, scenario 1 before and after, ~30 s
     python bench/recorder.py --short         # 2,000, a few seconds
     python bench/recorder.py --vs-rps 4800   # the ratio to that rate, scenario 1 not run
     python bench/recorder.py --prompt-bytes 4000   # requests with ~4 KB prompts (default ~130 B)
@@ -337,7 +339,13 @@ async def measure(
 # --------------------------------------------------------------------------- reporting
 
 
-def table(results: Sequence[Result], vs_rps: float | None) -> str:
+def median_round(rounds: Sequence[Result]) -> Result:
+    """The round of median rate (of an even number, the lower of the middle two)."""
+    ordered = sorted(rounds, key=lambda r: r.rate)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def table(results: Sequence[Result], vs_rps: float | None, runs: dict[str, list[Result]]) -> str:
     header = (
         "variant",
         "outcomes",
@@ -350,6 +358,7 @@ def table(results: Sequence[Result], vs_rps: float | None) -> str:
         "ms/alone",
         "CPU ms/outcome",
         f"vs {vs_rps:,.0f} req/s" if vs_rps else "vs scenario 1",
+        "rounds",
     )
     rows = []
     for r in results:
@@ -367,6 +376,7 @@ def table(results: Sequence[Result], vs_rps: float | None) -> str:
                 f"{k.ms_per_call:.1f}" if k.ms_per_call is not None else "-",
                 f"{r.cpu_s * 1000.0 / r.recorded:.3f}" if r.recorded else "-",
                 f"{r.rate / vs_rps:.1f}x" if vs_rps else "-",
+                " / ".join(f"{x.rate:,.0f}" for x in runs[r.variant.name]),
             )
         )
     return common.render(header, rows, left={0})
@@ -406,6 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="pad each request's prompt to about this many bytes (default: ~130-byte requests)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of the variants, scenario 1 before each and after the last; each variant's "
+        "median round is reported (default 3; --short: 1)",
+    )
+    parser.add_argument(
         "--random-ids",
         action="store_true",
         help="requests named by UUIDs (random order) instead of ids in input order",
@@ -418,39 +435,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"custom ids {'UUIDs (random order)' if args.random_ids else 'in input order'}; "
         f"{common.load_average()}"
     )
-    results = []
-    versus: list[float] = []  # scenario 1's req/s, before and after the variants
+    rounds = args.rounds or (1 if args.short else 3)
+    runs: dict[str, list[Result]] = {v.name: [] for v in VARIANTS}  # each variant's rounds
+    versus: list[float] = []  # scenario 1's req/s: before each round, and after the last
     with tempfile.TemporaryDirectory(prefix="bench-recorder-") as scratch:
         same_run = args.vs_rps is None and not args.short
-        if same_run:
+
+        def scenario() -> None:
             versus.append(scenario_1(Path(scratch)))
             print(f"  scenario 1 pipeline   {versus[-1]:>9,.0f} req/s", file=sys.stderr, flush=True)
-        for variant in VARIANTS:
-            with tempfile.TemporaryDirectory(prefix="bench-recorder-") as tmp:
-                r = asyncio.run(measure(variant, n, Path(tmp), args.prompt_bytes, args.random_ids))
-            results.append(r)
-            print(
-                f"  {variant.name:<22} {r.rate:>9,.0f} outcomes/s  {r.wall_s:5.1f} s (load {r.load_s:.1f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
+
+        for _ in range(rounds):
+            if same_run:
+                scenario()
+            for variant in VARIANTS:
+                with tempfile.TemporaryDirectory(prefix="bench-recorder-") as tmp:
+                    r = asyncio.run(measure(variant, n, Path(tmp), args.prompt_bytes, args.random_ids))
+                runs[variant.name].append(r)
+                progress = f"{r.rate:>9,.0f} outcomes/s  {r.wall_s:5.1f} s (load {r.load_s:.1f} s)"
+                print(
+                    f"  {variant.name:<22} {progress}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if same_run:
-            versus.append(scenario_1(Path(scratch)))
-            print(f"  scenario 1 pipeline   {versus[-1]:>9,.0f} req/s", file=sys.stderr, flush=True)
-    vs_rps = args.vs_rps or (statistics.mean(versus) if versus else None)
-    print(table(results, vs_rps))
+            scenario()
+    results = [median_round(rs) for rs in runs.values()]
+    vs_rps = args.vs_rps or (statistics.median(versus) if versus else None)
+    print(table(results, vs_rps, runs))
+    if rounds > 1:
+        print(f"each variant's row: its median round of {rounds} (rounds: each round's outcomes/s in order)")
     if versus:
-        both = " and ".join(f"{v:,.0f}" for v in versus)
+        readings = ", ".join(f"{v:,.0f}" for v in versus)
         print(
             "vs = bench/throughput.py scenario 1 (0 ms, 64 conc, 20,000 requests: the whole pipeline run), "
-            f"measured before and after the variants in this run: {both} req/s, their mean"
+            f"measured before each round and after the last in this run: {readings} req/s, their median"
         )
     print(
         "commits = transactions with outcomes (Store.start_outcomes); claims = Claim messages (a page "
         f"of {PAGE} each), committed with a batch or, alone = in transactions of claims only "
         "(Store.claim_pages); no commit per request when outcomes/commit > 1"
     )
-    broken = [r.variant.name for r in results if r.recorded != n or r.db_rows != n]
+    broken = [name for name, rs in runs.items() if any(r.recorded != n or r.db_rows != n for r in rs)]
     if broken:
         print(f"harness broken: not every outcome was recorded in {broken}", file=sys.stderr)
         return 1

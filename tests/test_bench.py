@@ -51,7 +51,7 @@ def test_pipeline_bench_short_prints_its_table() -> None:
 def test_recorder_bench_short_prints_its_table() -> None:
     out = _run_short("recorder.py")
     header = next(line for line in out.splitlines() if line.startswith("variant"))
-    for column in ("outcomes/s", "commits", "ms/commit", "claims"):
+    for column in ("outcomes/s", "commits", "ms/commit", "claims", "rounds"):
         assert column in header
     assert "+ parts + claims/256" in out
 
