@@ -676,16 +676,18 @@ def test_rows_bind_a_column_with_one_value_in_a_chunk_once() -> None:
     chunks = stmt.chunks(rows)
     assert [len(p) for _, p in chunks] == [3 + 8, 2 + 4 * 2]  # 8 rows: run, ok, 1 once; 4: run, 1
     sql, params = chunks[0]
-    assert sql.startswith("INSERT INTO t VALUES (?1,?4,?2,?3,NULL),(?1,?5,?2,?3,NULL),")
+    # the first row numbers its own parameters after the shared ones; the rest are plain "?"
+    # (each the next number: SQLite 3.40 compiles numbered ones in quadratic time)
+    assert sql == "INSERT INTO t VALUES (?1,?4,?2,?3,NULL)," + ",".join(["(?1,?,?2,?3,NULL)"] * 7)
     assert params == ["run", "ok", 1, *range(8)]
     assert chunks[1] == (
-        "INSERT INTO t VALUES (?1,?3,?4,?2,NULL),(?1,?5,?6,?2,NULL),(?1,?7,?8,?2,NULL),(?1,?9,?10,?2,NULL)",
+        "INSERT INTO t VALUES (?1,?3,?4,?2,NULL),(?1,?,?,?2,NULL),(?1,?,?,?2,NULL),(?1,?,?,?2,NULL)",
         ["run", 1, 8, "ok", 9, "no", 10, "ok", 11, "ok"],
     )
     # equal in Python, not one type: bound per row (1 and 1.0 are not one value in a TEXT column)
     mixed = [("run", 0, "ok", 1, None), ("run", 1, "ok", 1.0, None)]
     assert stmt.chunks(mixed)[0] == (
-        "INSERT INTO t VALUES (?1,?3,?2,?4,NULL),(?1,?5,?2,?6,NULL)",
+        "INSERT INTO t VALUES (?1,?3,?2,?4,NULL),(?1,?,?2,?,NULL)",
         ["run", "ok", 0, 1, 1, 1.0],
     )
     # every column but one shared or NULL: that one is a value per row, not a tuple
