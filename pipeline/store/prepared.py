@@ -13,7 +13,7 @@ compiled statement's order. The SQL sent and the values stored are those of the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import chain
+from itertools import chain, count
 from operator import itemgetter
 from typing import Any
 
@@ -190,33 +190,27 @@ class Rows:
 
     def _compose(self, key: tuple[int, tuple[int, ...], tuple[int, ...]]) -> str:
         size, nulls, shared = key
+        assert not set(nulls) & set(shared)  # a column is one of NULL, shared or a row's own
+        refs = {k: f"?{j + 1}" for j, k in enumerate(shared)}  # bound once: ?1 .. ?len(shared)
+
+        def row(own: Callable[[], str]) -> str:
+            """A row's cells: shared refs, NULL literals, and ``own()`` for each of its values."""
+            cells = (refs.get(k) or ("NULL" if k in nulls else own()) for k in range(self.width))
+            return "(" + ",".join(cells) + ")"
+
+        plain = row(lambda: "?")
         if shared:
-            # The shared values are ?1 .. ?len(shared) in every row. The first row numbers its
-            # own parameters after them; the rows after it use plain "?" (SQLite gives each the
-            # number after the largest so far: the next in order). Numbering every parameter,
-            # as this did first, made SQLite 3.40 (Debian's) take time quadratic in their count
-            # to compile the statement: 306 ms for 512 rows of 38 columns, against 4 ms so;
-            # paid once per connection and shape, and again at each miss of the driver's cache.
-            refs = {k: f"?{j + 1}" for j, k in enumerate(shared)}
-            number = len(shared) + 1
-            first, rest = [], []
-            for k in range(self.width):
-                if k in refs:
-                    first.append(refs[k])
-                    rest.append(refs[k])
-                elif k in nulls:
-                    first.append("NULL")
-                    rest.append("NULL")
-                else:
-                    first.append(f"?{number}")
-                    rest.append("?")
-                    number += 1
-            values = ["(" + ",".join(first) + ")"] + ["(" + ",".join(rest) + ")"] * (size - 1)
-            assert number - 1 == len(shared) + self.width - len(nulls) - len(shared)
-            sql = self.template.format(values=",".join(values))
+            # The first row numbers its own parameters after the shared ones; the rows after
+            # it use plain "?" (SQLite gives each the number after the largest so far: the next
+            # in order). Numbering every parameter, as this did first, made SQLite 3.40
+            # (Debian's) take time quadratic in their count to compile the statement: 306 ms
+            # for 512 rows of 38 columns, against 4 ms so; paid once per connection and shape,
+            # and again at each miss of the driver's cache.
+            numbers = count(len(shared) + 1)
+            values = [row(lambda: f"?{next(numbers)}")] + [plain] * (size - 1)
         else:
-            row = "(" + ",".join("NULL" if k in nulls else "?" for k in range(self.width)) + ")"
-            sql = self.template.format(values=",".join([row] * size))
+            values = [plain] * size
+        sql = self.template.format(values=",".join(values))
         if len(self._sql) >= 256:  # shapes come and go with the kinds of outcome; keep a few
             self._sql.clear()
         self._sql[key] = sql
