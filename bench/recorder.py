@@ -345,7 +345,8 @@ def median_round(rounds: Sequence[Result]) -> Result:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def table(results: Sequence[Result], vs_rps: float | None, runs: dict[str, list[Result]]) -> str:
+def table(runs: dict[str, list[Result]], vs_rps: float | None) -> str:
+    """A row per variant: its median round, and every round's rate."""
     header = (
         "variant",
         "outcomes",
@@ -361,7 +362,8 @@ def table(results: Sequence[Result], vs_rps: float | None, runs: dict[str, list[
         "rounds",
     )
     rows = []
-    for r in results:
+    for rounds in runs.values():
+        r = median_round(rounds)
         c, k = r.commits or Timed(), r.claims or Timed()
         rows.append(
             (
@@ -376,7 +378,7 @@ def table(results: Sequence[Result], vs_rps: float | None, runs: dict[str, list[
                 f"{k.ms_per_call:.1f}" if k.ms_per_call is not None else "-",
                 f"{r.cpu_s * 1000.0 / r.recorded:.3f}" if r.recorded else "-",
                 f"{r.rate / vs_rps:.1f}x" if vs_rps else "-",
-                " / ".join(f"{x.rate:,.0f}" for x in runs[r.variant.name]),
+                " / ".join(f"{x.rate:,.0f}" for x in rounds),
             )
         )
     return common.render(header, rows, left={0})
@@ -460,9 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         if same_run:
             scenario()
-    results = [median_round(rs) for rs in runs.values()]
     vs_rps = args.vs_rps or (statistics.median(versus) if versus else None)
-    print(table(results, vs_rps, runs))
+    print(table(runs, vs_rps))
     if rounds > 1:
         print(f"each variant's row: its median round of {rounds} (rounds: each round's outcomes/s in order)")
     if versus:
