@@ -28,7 +28,7 @@ from pipeline.records import Attempt, Outcome
 from pipeline.spec import db_url
 from pipeline.store import Store
 from pipeline.store.db import utcnow
-from pipeline.store.schema import VIEWS, attempt, completion, metadata, request
+from pipeline.store.schema import VIEWS, attempt, completion, include_object, metadata, request
 
 
 def test_blank_database_migrates_to_head_with_tables_and_views(workdir: Path, db: str) -> None:
@@ -49,7 +49,7 @@ def test_blank_database_migrates_to_head_with_tables_and_views(workdir: Path, db
     assert {"run", "request", "request_input", "attempt", "completion"} <= tables
     assert views == set(VIEWS)
     assert query(db, "SELECT version_num FROM alembic_version") == [(head,)]
-    assert head == "0006"
+    assert head == "0007"
 
 
 async def _migrate_to(store: Store, revision: str, *, down: bool = False) -> None:
@@ -251,6 +251,29 @@ def test_attempts_before_0006_are_keyed_by_their_requests_seq_and_back(workdir: 
 
 
 @pytest.mark.sqlite_only("WAL is a SQLite journal mode")
+@pytest.mark.sqlite_only("the index is dropped on SQLite only")
+def test_the_request_state_index_goes_on_sqlite_at_0007_and_comes_back(workdir: Path, db: str) -> None:
+    """0007 drops SQLite's index on (run_id, state, seq), whose entries moved at every change of
+    a request's state; downgrading makes it again."""
+
+    def indexes() -> set[str]:
+        return {name for (name,) in query(db, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+
+    async def go(revision: str, down: bool = False) -> None:
+        store = await Store.open(db_url(db), migrate=False)
+        try:
+            await _migrate_to(store, revision, down=down)
+        finally:
+            await store.close()
+
+    anyio.run(go, "0006")
+    assert "ix_request_run_id_state_seq" in indexes()
+    anyio.run(go, "head")
+    assert "ix_request_run_id_state_seq" not in indexes()
+    anyio.run(go, "0006", True)
+    assert "ix_request_run_id_state_seq" in indexes()
+
+
 def test_sqlite_database_runs_in_wal_mode(workdir: Path, db: str) -> None:
     """A SQLite file opened by the store is in WAL mode."""
 
@@ -271,7 +294,10 @@ def test_schema_module_and_migrations_agree(workdir: Path, db: str) -> None:
             async with store.engine.connect() as conn:
                 return await conn.run_sync(
                     lambda c: compare_metadata(
-                        MigrationContext.configure(c, opts={"compare_type": True}), metadata
+                        MigrationContext.configure(
+                            c, opts={"compare_type": True, "include_object": include_object(c.dialect.name)}
+                        ),
+                        metadata,
                     )
                 )
         finally:
@@ -578,6 +604,30 @@ def test_a_batch_that_fails_leaves_nothing_of_itself(db: str, workdir: Path) -> 
         try:
             with pytest.raises(StorageError, match="database"):
                 await store.record_outcomes("r", [*good, bad])
+        finally:
+            await store.close()
+
+    anyio.run(go)
+    assert query(db, "SELECT COUNT(*) FROM attempt") == [(0,)]
+    assert query(db, "SELECT COUNT(*) FROM completion") == [(0,)]
+    assert query(db, "SELECT DISTINCT state FROM request") == [("pending",)]
+
+
+def test_an_outcome_of_a_request_not_in_the_run_fails_its_batch(db: str, workdir: Path) -> None:
+    """An outcome whose request (its seq) was never loaded: its attempt and completion would
+    have no parent row. The batch fails with a StorageError naming the broken key, and none of
+    it is stored. On SQLite the recorder's connection checks no foreign keys itself: the
+    finishing UPDATE's count of requests found is the check."""
+    good = outcomes.varied(10)
+    stray = outcomes.outcome(10)  # requests 0..9 are loaded: seq 10 is not
+
+    async def go() -> None:
+        store = await _loaded(db_url(db), len(good))
+        try:
+            with pytest.raises(StorageError, match=r"(?i)foreign key") as caught:
+                await store.record_outcomes("r", [*good, stray])
+            if store.engine.dialect.name == "sqlite":
+                assert "1 of the batch's 11 requests are not in run 'r'" in str(caught.value)
         finally:
             await store.close()
 

@@ -360,15 +360,27 @@ class Store:
         # read back for the derived output.
         again = [o.custom_id for o in rows.outcomes if o.prior_attempts]
 
+        expected = len(rows.attempts) + len(rows.completions) + len(rows.requests)
+
         def record(conn: sqlite3.Connection) -> Recorded:
             pages = [(ids, release) for ids, release in claims() if ids]
             if pages:
                 for sql, params in writer.statements.claims(run_id, pages, utcnow()):
                     conn.execute(sql, params)
+            before = conn.total_changes
             for sql, params in statements:
                 conn.execute(sql, params)
             if finish is not None:  # a request twice in the batch: row by row
                 conn.executemany(finish.sql, finish.params(rows.requests))
+            # The writer's connection checks no foreign keys (_SqliteWriter._connect): every
+            # attempt and completion is of a request the batch finishes, so every request
+            # found by its UPDATE is the check. An INSERT stores all its rows or fails.
+            missing = expected - (conn.total_changes - before)
+            if missing:
+                raise sqlite3.IntegrityError(
+                    f"FOREIGN KEY constraint failed: {missing} of the batch's {len(rows.requests)} "
+                    f"requests are not in run {run_id!r}"
+                )
             if not again:
                 return Recorded(set(), {})
             found = conn.execute(totals_sql, (run_id, orjson.dumps(again).decode())).fetchall()
@@ -1138,8 +1150,7 @@ class _SqliteStatements:
         ids = orjson.dumps(list(seqs)).decode()
         if release:
             return (
-                # each found in the state index by (run_id, state, seq): with "+state" (no
-                # index on it) SQLite's planner went through all the run's requests instead
+                # each found by its (run_id, seq) key (the planner looks at ``seq IN`` there)
                 "UPDATE request SET state = 'pending', claimed_at = NULL WHERE run_id = ? "
                 "AND state = 'in_flight' AND seq IN (SELECT value FROM json_each(?))",
                 (run_id, ids),
@@ -1196,6 +1207,11 @@ class _SqliteWriter:
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection = sqlite3.connect(*self._args, **self._kwargs)
         _sqlite_pragmas(conn, None)
+        # Its statements check their keys themselves (Store.start_outcomes: every request of a
+        # batch found by its UPDATE; claims only update requests' states): SQLite's check of
+        # each attempt's and completion's parent key, a seek into the parent's index per row,
+        # was a tenth of the writer's instructions (callgrind, bench/recorder.py's rows).
+        conn.execute("PRAGMA foreign_keys=OFF")
         return conn
 
     def submit(self, work: Callable[[sqlite3.Connection], _T]) -> asyncio.Future[_T]:

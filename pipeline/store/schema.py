@@ -7,6 +7,9 @@ exact, summable, and wide enough for $9 million per sum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -30,6 +33,7 @@ __all__ = [
     "VIEWS",
     "attempt",
     "completion",
+    "include_object",
     "metadata",
     "rate_slot",
     "request",
@@ -47,6 +51,25 @@ metadata = MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
+
+
+def _only_on(dialect: str, index: Index) -> Index:
+    """``index``, made only on ``dialect`` (and compared with databases of it only, see
+    :func:`include_object`)."""
+    index.info["only_on"] = dialect
+    return index.ddl_if(dialect=dialect)
+
+
+def include_object(dialect: str) -> Callable[[Any, str | None, str, bool, Any], bool]:
+    """Alembic's ``include_object`` for a database of ``dialect``: what autogenerate compares
+    with it leaves out the objects made only on other dialects."""
+
+    def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        only_on = None if reflected else getattr(obj, "info", {}).get("only_on")
+        return only_on is None or only_on == dialect
+
+    return include
+
 
 RUN_STATES = ("created", "rejected", "running", "completed", "failed", "interrupted", "aborted", "stopped")
 REQUEST_STATES = ("pending", "in_flight", "succeeded", "failed", "rejected")
@@ -91,7 +114,9 @@ request = Table(
     PrimaryKeyConstraint("run_id", "custom_id"),
     UniqueConstraint("run_id", "seq"),
     ForeignKeyConstraint(["run_id"], ["run.run_id"]),
-    Index(None, "run_id", "state", "seq"),
+    # Leases by state, for workers sharing a run; on SQLite (one process) no query needs it,
+    # and each change of a request's state moved its entry (migration 0007)
+    _only_on("postgresql", Index(None, "run_id", "state", "seq")),
 )
 
 # What the input said of a request, apart from its state: a request's row is written again at
