@@ -250,7 +250,6 @@ def test_attempts_before_0006_are_keyed_by_their_requests_seq_and_back(workdir: 
     assert "seq" not in columns
 
 
-@pytest.mark.sqlite_only("WAL is a SQLite journal mode")
 @pytest.mark.sqlite_only("the index is dropped on SQLite only")
 def test_the_request_state_index_goes_on_sqlite_at_0007_and_comes_back(workdir: Path, db: str) -> None:
     """0007 drops SQLite's index on (run_id, state, seq), whose entries moved at every change of
@@ -274,6 +273,7 @@ def test_the_request_state_index_goes_on_sqlite_at_0007_and_comes_back(workdir: 
     assert "ix_request_run_id_state_seq" in indexes()
 
 
+@pytest.mark.sqlite_only("WAL is a SQLite journal mode")
 def test_sqlite_database_runs_in_wal_mode(workdir: Path, db: str) -> None:
     """A SQLite file opened by the store is in WAL mode."""
 
