@@ -15,7 +15,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
-from pipeline.store.schema import include_object, metadata
+from pipeline.store.schema import autogenerate_options, metadata
 
 config = context.config
 target_metadata = metadata
@@ -26,8 +26,7 @@ def do_run_migrations(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=True,  # SQLite alters tables by copy
-        compare_type=True,
-        include_object=include_object(connection.dialect.name),
+        **autogenerate_options(connection.dialect.name),
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -25,7 +25,7 @@ def test_migrations_views_and_models_agree_on_postgresql(pg_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from pipeline.store.schema import include_object, metadata
+    from pipeline.store.schema import autogenerate_options, metadata
 
     async def go() -> tuple[str, list[Any]]:
         store = await Store.open(pg_url)
@@ -35,10 +35,7 @@ def test_migrations_views_and_models_agree_on_postgresql(pg_url: str) -> None:
             async with store.engine.connect() as conn:
                 diff = await conn.run_sync(
                     lambda c: compare_metadata(
-                        MigrationContext.configure(
-                            c, opts={"compare_type": True, "include_object": include_object(c.dialect.name)}
-                        ),
-                        metadata,
+                        MigrationContext.configure(c, opts=autogenerate_options(c.dialect.name)), metadata
                     )
                 )
             return await store.migrate(), diff

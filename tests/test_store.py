@@ -28,7 +28,7 @@ from pipeline.records import Attempt, Outcome
 from pipeline.spec import db_url
 from pipeline.store import Store
 from pipeline.store.db import utcnow
-from pipeline.store.schema import VIEWS, attempt, completion, include_object, metadata, request
+from pipeline.store.schema import VIEWS, attempt, autogenerate_options, completion, metadata, request
 
 
 def test_blank_database_migrates_to_head_with_tables_and_views(workdir: Path, db: str) -> None:
@@ -294,10 +294,7 @@ def test_schema_module_and_migrations_agree(workdir: Path, db: str) -> None:
             async with store.engine.connect() as conn:
                 return await conn.run_sync(
                     lambda c: compare_metadata(
-                        MigrationContext.configure(
-                            c, opts={"compare_type": True, "include_object": include_object(c.dialect.name)}
-                        ),
-                        metadata,
+                        MigrationContext.configure(c, opts=autogenerate_options(c.dialect.name)), metadata
                     )
                 )
         finally:

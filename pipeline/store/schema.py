@@ -7,7 +7,6 @@ exact, summable, and wide enough for $9 million per sum.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
@@ -32,8 +31,8 @@ __all__ = [
     "RUN_STATES",
     "VIEWS",
     "attempt",
+    "autogenerate_options",
     "completion",
-    "include_object",
     "metadata",
     "rate_slot",
     "request",
@@ -55,20 +54,21 @@ metadata = MetaData(
 
 def _only_on(dialect: str, index: Index) -> Index:
     """``index``, made only on ``dialect`` (and compared with databases of it only, see
-    :func:`include_object`)."""
+    :func:`autogenerate_options`)."""
     index.info["only_on"] = dialect
     return index.ddl_if(dialect=dialect)
 
 
-def include_object(dialect: str) -> Callable[[Any, str | None, str, bool, Any], bool]:
-    """Alembic's ``include_object`` for a database of ``dialect``: what autogenerate compares
-    with it leaves out the objects made only on other dialects."""
+def autogenerate_options(dialect: str) -> dict[str, Any]:
+    """How Alembic compares this metadata with a database of ``dialect`` (``migrations/env.py``,
+    and the tests that find no drift): column types too, and without the objects made only on
+    other dialects."""
 
     def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
         only_on = None if reflected else getattr(obj, "info", {}).get("only_on")
         return only_on is None or only_on == dialect
 
-    return include
+    return {"compare_type": True, "include_object": include}
 
 
 RUN_STATES = ("created", "rejected", "running", "completed", "failed", "interrupted", "aborted", "stopped")
