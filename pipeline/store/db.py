@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from operator import attrgetter, methodcaller
+from operator import methodcaller
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -44,8 +44,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.sql.elements import TextClause
 
 from pipeline.errors import StorageError
-from pipeline.pricing import picousd
-from pipeline.records import Attempt, Outcome
+from pipeline.records import Outcome
+from pipeline.store.batch import (
+    ATTEMPT_KEYS,
+    ATTEMPT_SHARED,
+    COMPLETION_KEYS,
+    COMPLETION_SHARED,
+    FINISH_KEYS,
+    FINISH_SHARED,
+    OutcomeRows,
+    outcome_rows,
+)
 from pipeline.store.prepared import Prepared, Rows
 from pipeline.store.schema import attempt, completion, request, request_input, run, worker
 
@@ -287,42 +296,7 @@ class Store:
     ) -> OutcomeRows:
         """The rows of a batch, built without touching the database (so the recorder can build
         the next batch while the database writes the last one)."""
-        attempt_rows: list[tuple[Any, ...]] = []
-        completion_rows: list[tuple[Any, ...]] = []
-        request_rows: list[tuple[Any, ...]] = []
-        now = utcnow()  # the batch's finishing time
-        add_attempt, add_completion, add_request = (
-            attempt_rows.append,
-            completion_rows.append,
-            request_rows.append,
-        )
-        for o in outcomes:
-            cost = reported = None
-            cid, seq = o.custom_id, o.seq
-            for a in o.attempts:
-                add_attempt(_attempt_row(run_id, cid, seq, a))
-                if a.completion is not None:
-                    add_completion(_completion_row(run_id, cid, seq, a))
-                if a.cost_picousd is not None:
-                    cost = (cost or 0) + a.cost_picousd
-                u = a.usage
-                if u is not None and u.reported_cost is not None:
-                    reported = (reported or 0) + picousd(u.reported_cost)
-            final = o.attempts[-1] if o.attempts else None
-            add_request(
-                (
-                    run_id,
-                    seq,
-                    o.state,
-                    len(o.attempts),
-                    final.attempt_no if final else None,
-                    o.error,
-                    cost,
-                    reported,
-                    now if o.state != "pending" else None,
-                )
-            )
-        rows = OutcomeRows(run_id, outcomes, owner, attempt_rows, completion_rows, request_rows)
+        rows = outcome_rows(run_id, outcomes, owner, utcnow())
         if self._writer is not None and owner is None:
             rows.statements = self._writer.statements.outcomes(rows)
         return rows
@@ -356,11 +330,12 @@ class Store:
         writer = self._writer
         run_id, totals_sql = rows.run_id, writer.statements.totals
         finish = None if rows.finish_once else self._prepared()["request"]
+        requests = [] if finish is None else rows.requests
         # Requests answered in part by earlier sessions: their totals are the database's sums,
         # read back for the derived output.
         again = [o.custom_id for o in rows.outcomes if o.prior_attempts]
 
-        expected = len(rows.attempts) + len(rows.completions) + len(rows.requests)
+        expected = rows.n_attempts + rows.n_completions + len(rows.outcomes)
 
         def record(conn: sqlite3.Connection) -> Recorded:
             pages = [(ids, release) for ids, release in claims() if ids]
@@ -371,14 +346,14 @@ class Store:
             for sql, params in statements:
                 conn.execute(sql, params)
             if finish is not None:  # a request twice in the batch: row by row
-                conn.executemany(finish.sql, finish.params(rows.requests))
+                conn.executemany(finish.sql, finish.params(requests))
             # The writer's connection checks no foreign keys (_SqliteWriter._connect): every
             # attempt and completion is of a request the batch finishes, so every request
             # found by its UPDATE is the check. An INSERT stores all its rows or fails.
             missing = expected - (conn.total_changes - before)
             if missing:
                 raise sqlite3.IntegrityError(
-                    f"FOREIGN KEY constraint failed: {missing} of the batch's {len(rows.requests)} "
+                    f"FOREIGN KEY constraint failed: {missing} of the batch's {len(rows.outcomes)} "
                     f"requests are not in run {run_id!r}"
                 )
             if not again:
@@ -430,9 +405,9 @@ class Store:
         if self._statements is None:
             dialect = self.engine.dialect
             self._statements = {
-                "attempt": Prepared(insert(attempt), dialect, _ATTEMPT_KEYS, table=attempt),
-                "completion": Prepared(insert(completion), dialect, _COMPLETION_KEYS, table=completion),
-                "request": Prepared(_FINISH, dialect, _FINISH_KEYS),
+                "attempt": Prepared(insert(attempt), dialect, ATTEMPT_KEYS, table=attempt),
+                "completion": Prepared(insert(completion), dialect, COMPLETION_KEYS, table=completion),
+                "request": Prepared(_FINISH, dialect, FINISH_KEYS),
                 "load_request": Prepared(insert(request), dialect, _LOAD_KEYS),
                 "load_input": Prepared(insert(request_input), dialect, _LOAD_INPUT_KEYS, table=request_input),
             }
@@ -872,7 +847,7 @@ async def _reconcile(
     A worker whose lease ran out (it stalled) may finish a request that another worker also
     sent. Both attempts were paid, so both are kept, numbered after what is already there;
     a success already recorded stays the request's answer. Rows are locked in key order.
-    Rows are the tuples of ``_ATTEMPT_KEYS``, ``_COMPLETION_KEYS`` and ``_FINISH_KEYS``.
+    Rows are the tuples of ``ATTEMPT_KEYS``, ``COMPLETION_KEYS`` and ``FINISH_KEYS``.
     Returns the requests another worker answered first, and those whose attempts were renumbered.
     """
     ids = sorted(o.custom_id for o in outcomes)
@@ -895,7 +870,7 @@ async def _reconcile(
             row[_STATE], row[_FINAL], row[_ERROR] = "succeeded", None, None
         request_rows[i] = tuple(row)
     if shift:
-        for rows, keys in ((attempt_rows, _ATTEMPT_KEYS), (completion_rows, _COMPLETION_KEYS)):
+        for rows, keys in ((attempt_rows, ATTEMPT_KEYS), (completion_rows, COMPLETION_KEYS)):
             cid, no = keys.index("custom_id"), keys.index("attempt_no")
             for i, r in enumerate(rows):
                 if r[cid] in shift:
@@ -994,35 +969,7 @@ _FINISH = (
         finished_at=bindparam("b_finished", type_=DateTime),
     )
 )
-_FINISH_KEYS = (
-    "b_run_id",
-    "b_seq",
-    "b_state",
-    "b_n",
-    "b_final",
-    "b_error",
-    "b_cost",
-    "b_reported",
-    "b_finished",
-)
-_FINISH_SHARED = ("b_run_id", "b_state", "b_n", "b_final", "b_error", "b_finished")
-_STATE, _FINAL, _ERROR = (_FINISH_KEYS.index(k) for k in ("b_state", "b_final", "b_error"))
-
-
-@dataclass(slots=True)
-class OutcomeRows:
-    """A batch of outcomes as the rows it writes (tuples of ``_ATTEMPT_KEYS``,
-    ``_COMPLETION_KEYS``, ``_FINISH_KEYS``), built before its transaction."""
-
-    run_id: str
-    outcomes: Sequence[Outcome]
-    owner: str | None
-    attempts: list[tuple[Any, ...]]
-    completions: list[tuple[Any, ...]]
-    requests: list[tuple[Any, ...]]
-    # SQLite: the statements, built with the rows (see _SqliteStatements.outcomes)
-    statements: list[tuple[str, list[Any]]] | None = None
-    finish_once: bool = True  # every request once: the requests' UPDATE is in ``statements``
+_STATE, _FINAL, _ERROR = (FINISH_KEYS.index(k) for k in ("b_state", "b_final", "b_error"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1081,21 +1028,21 @@ class _SqliteStatements:
         self.stamp: Callable[[Any], Any] = stamp
         self.stamp_all: Callable[[Sequence[Any]], list[Any]] = stamp_all
         self.attempt = Rows(
-            f"INSERT INTO attempt ({', '.join(_ATTEMPT_KEYS)}) VALUES {{values}}",
-            len(_ATTEMPT_KEYS),
-            max_rows=rows_for(len(_ATTEMPT_KEYS)),
-            shared=[_ATTEMPT_KEYS.index(k) for k in _ATTEMPT_SHARED],
-            stamps=[_ATTEMPT_KEYS.index("started_at")],
+            f"INSERT INTO attempt ({', '.join(ATTEMPT_KEYS)}) VALUES {{values}}",
+            len(ATTEMPT_KEYS),
+            max_rows=rows_for(len(ATTEMPT_KEYS)),
+            shared=[ATTEMPT_KEYS.index(k) for k in ATTEMPT_SHARED],
+            stamps=[ATTEMPT_KEYS.index("started_at")],
             stamp=stamp_all,
         )
         self.completion = Rows(
-            f"INSERT INTO completion ({', '.join(_COMPLETION_KEYS)}) VALUES {{values}}",
-            len(_COMPLETION_KEYS),
-            max_rows=rows_for(len(_COMPLETION_KEYS)),
-            shared=[_COMPLETION_KEYS.index(k) for k in _COMPLETION_SHARED],
+            f"INSERT INTO completion ({', '.join(COMPLETION_KEYS)}) VALUES {{values}}",
+            len(COMPLETION_KEYS),
+            max_rows=rows_for(len(COMPLETION_KEYS)),
+            shared=[COMPLETION_KEYS.index(k) for k in COMPLETION_SHARED],
         )
-        # _FINISH, for many rows: v.column1 .. v.column9 are the values of _FINISH_KEYS
-        v = {k: f"v.column{i + 1}" for i, k in enumerate(_FINISH_KEYS)}
+        # _FINISH, for many rows: v.column1 .. v.column9 are the values of FINISH_KEYS
+        v = {k: f"v.column{i + 1}" for i, k in enumerate(FINISH_KEYS)}
         self.finish = Rows(
             "UPDATE request SET "
             f"state = {v['b_state']}, attempts = request.attempts + {v['b_n']}, "
@@ -1108,10 +1055,10 @@ class _SqliteStatements:
             f"finished_at = {v['b_finished']} "
             "FROM (VALUES {values}) AS v "
             f"WHERE request.run_id = {v['b_run_id']} AND request.seq = {v['b_seq']}",
-            len(_FINISH_KEYS),
-            max_rows=rows_for(len(_FINISH_KEYS)),
-            shared=[_FINISH_KEYS.index(k) for k in _FINISH_SHARED],
-            stamps=[_FINISH_KEYS.index("b_finished")],
+            len(FINISH_KEYS),
+            max_rows=rows_for(len(FINISH_KEYS)),
+            shared=[FINISH_KEYS.index(k) for k in FINISH_SHARED],
+            stamps=[FINISH_KEYS.index("b_finished")],
             stamp=stamp_all,
         )
 
@@ -1123,12 +1070,14 @@ class _SqliteStatements:
 
     def outcomes(self, rows: OutcomeRows) -> list[tuple[str, list[Any]]]:
         """The statements that write a batch (sets ``rows.finish_once``)."""
-        statements = self.attempt.chunks(rows.attempts) + self.completion.chunks(rows.completions)
+        statements = self.attempt.column_chunks(rows.attempt_columns)
+        statements += self.completion.column_chunks(rows.completion_columns)
         # UPDATE ... FROM takes one source row per request: a request twice in a batch (never
         # seen, but possible in principle) goes row by row (Store.write_outcomes)
-        rows.finish_once = len({r[1] for r in rows.requests}) == len(rows.requests)
+        seqs = rows.request_columns[FINISH_KEYS.index("b_seq")]
+        rows.finish_once = len(set(seqs)) == len(seqs)
         if rows.finish_once:
-            statements += self.finish.chunks(rows.requests)
+            statements += self.finish.column_chunks(rows.request_columns)
         return statements
 
     def claims(
@@ -1362,153 +1311,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 # The columns of a loaded request's rows (Store._insert_requests), in their order.
 _LOAD_KEYS = ("run_id", "custom_id", "seq", "body_sha256", "state", "attempts", "error")
 _LOAD_INPUT_KEYS = ("run_id", "seq", "body", "record")
-
-# The columns of the rows below, in their order (Prepared checks them against the table).
-# The usage's token details: zero in most answers, so one value in a batch (see _ATTEMPT_SHARED).
-_TOKEN_DETAILS = (
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "audio_prompt_tokens",
-    "audio_completion_tokens",
-    "accepted_prediction_tokens",
-    "rejected_prediction_tokens",
-)
-_ATTEMPT_KEYS = (
-    "run_id",
-    "custom_id",
-    "seq",
-    # the Attempt's own fields, by their names (_ATTEMPT_FIELDS)
-    "attempt_no",
-    "endpoint",
-    "base_url",
-    "model",
-    "started_at",
-    "latency_ms",
-    "http_status",
-    "outcome",
-    "error_class",
-    "error_message",
-    "retry_after_s",
-    "wait_s",
-    "provider_request_id",
-    "cost_picousd",
-    "cost_source",
-    "cost_note",
-    "stream",
-    "ttft_ms",
-    "ttlt_ms",
-    "output_tokens_per_s",
-    "partial",
-    # from its usage
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    *_TOKEN_DETAILS,
-    "usage_estimated",
-    "usage_json",
-    "reported_cost_picousd",
-    "upstream_cost_picousd",
-)
-# Columns that usually hold one value in a whole batch (bound once per chunk, see Rows):
-# the run, the route, a success's status and zero token details; not the counts and costs.
-_ATTEMPT_SHARED = (
-    "run_id",
-    "attempt_no",
-    "endpoint",
-    "base_url",
-    "model",
-    "http_status",
-    "outcome",
-    "error_class",
-    "cost_source",
-    "cost_note",
-    "stream",
-    "partial",
-    *_TOKEN_DETAILS,
-    "usage_estimated",
-)
-# The Attempt's own fields (one C call for the 21 of them): from attempt_no to the usage's
-_USAGE_AT = _ATTEMPT_KEYS.index("prompt_tokens")
-_ATTEMPT_FIELDS = attrgetter(*_ATTEMPT_KEYS[_ATTEMPT_KEYS.index("attempt_no") : _USAGE_AT])
-_USAGE_COUNTS = attrgetter(
-    "prompt",
-    "completion",
-    "total",
-    "cached",
-    "cache_write",
-    "reasoning",
-    "audio_prompt",
-    "audio_completion",
-    "accepted_prediction",
-    "rejected_prediction",
-    "estimated",
-)
-_NO_USAGE = (None,) * (len(_ATTEMPT_KEYS) - _USAGE_AT)  # prompt_tokens .. upstream_cost_picousd
-
-
-def _attempt_row(run_id: str, custom_id: str, seq: int, a: Attempt) -> tuple[Any, ...]:
-    u = a.usage
-    if u is None:
-        return (run_id, custom_id, seq, *_ATTEMPT_FIELDS(a), *_NO_USAGE)
-    rc = u.reported_cost
-    up = u.upstream_cost
-    raw = u.raw
-    return (
-        run_id,
-        custom_id,
-        seq,
-        *_ATTEMPT_FIELDS(a),
-        *_USAGE_COUNTS(u),
-        None if raw is None else orjson.dumps(raw).decode(),
-        None if rc is None else picousd(rc),
-        None if up is None else picousd(up),
-    )
-
-
-_COMPLETION_KEYS = (
-    "run_id",
-    "custom_id",
-    "seq",
-    "attempt_no",
-    "response_id",
-    "model",
-    "provider",
-    "system_fingerprint",
-    "finish_reason",
-    "content",
-    "reasoning",
-    "refusal",
-    "tool_calls",
-    "choices_json",
-    "raw",
-    "parsed",
-    "validation_error",
-)
-_COMPLETION_SHARED = ("run_id", "attempt_no", "model", "provider", "system_fingerprint", "finish_reason")
-_COMPLETION_HEAD = attrgetter("response_id", "model", "provider", "system_fingerprint")
-_CHOICE = attrgetter("finish_reason", "content", "reasoning", "refusal")
-
-
-def _completion_row(run_id: str, custom_id: str, seq: int, a: Attempt) -> tuple[Any, ...]:
-    c = a.completion
-    assert c is not None
-    choices = c.choices
-    first = choices[0]
-    calls = first.tool_calls
-    return (
-        run_id,
-        custom_id,
-        seq,
-        a.attempt_no,
-        *_COMPLETION_HEAD(c),
-        *_CHOICE(first),
-        None if calls is None else orjson.dumps(calls).decode(),
-        None if len(choices) < 2 else orjson.dumps([ch.to_dict() for ch in choices]).decode(),
-        c.raw.decode("utf-8", "replace"),
-        a.parsed,
-        a.validation_error,
-    )
 
 
 def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -145,24 +145,37 @@ class Rows:
 
     def chunks(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
         """(SQL, parameters) per chunk, covering ``rows`` in order."""
-        out = []
+        if not rows:
+            return []
+        try:
+            columns = list(zip(*rows, strict=True))
+        except ValueError:
+            columns = []
+        if len(columns) != self.width:
+            raise ValueError(f"rows of {self.width} values expected")
+        return self.column_chunks(columns)
+
+    def column_chunks(self, columns: Sequence[Sequence[Any]]) -> list[tuple[str, list[Any]]]:
+        """:meth:`chunks` of rows given column by column: ``columns[k][i]`` is row i's value
+        of column k (what the recorder builds: a column is one C loop over a batch, where a
+        row is a tuple built per outcome and taken apart again here)."""
         width, candidates, stamp = self.width, self._shared, self._stamp
-        size, i, n = self.max_rows, 0, len(rows)
+        if len(columns) != width:
+            raise ValueError(f"rows of {width} values expected")
+        n = len(columns[0]) if columns else 0
+        if any(len(column) != n for column in columns):
+            raise ValueError("columns of different lengths")
+        out = []
+        size, i = self.max_rows, 0
         while i < n:
             while size > n - i:
                 size //= 2
-            chunk = rows[i : i + size]
+            chunk = list(columns) if size == n else [column[i : i + size] for column in columns]
             i += size
-            try:
-                columns = list(zip(*chunk, strict=True))  # the chunk column by column
-            except ValueError:
-                columns = []
-            if len(columns) != width:
-                raise ValueError(f"rows of {width} values expected")
             nulls: list[int] = []
             shared: list[int] = []
             kept: list[int] = []
-            for k, column in enumerate(columns):
+            for k, column in enumerate(chunk):
                 first = column[0]
                 if first is None:
                     (nulls if column.count(None) == size else kept).append(k)
@@ -170,19 +183,17 @@ class Rows:
                     shared.append(k)
                 else:
                     kept.append(k)
-            head: list[Any] = [columns[k][0] for k in shared]  # bound once: ?1 .. ?len(shared)
-            stamped = False
+            head: list[Any] = [chunk[k][0] for k in shared]  # bound once: ?1 .. ?len(shared)
             for k in self._stamps:
                 assert stamp is not None
                 if k in shared:
-                    head[shared.index(k)] = stamp([columns[k][0]])[0]
+                    head[shared.index(k)] = stamp([chunk[k][0]])[0]
                 elif k not in nulls:
-                    columns[k] = tuple(stamp(columns[k]))
-                    stamped = True
-            if stamped or nulls or shared:
-                params = list(chain.from_iterable(zip(*[columns[k] for k in kept], strict=True)))
+                    chunk[k] = stamp(chunk[k])
+            if len(kept) == 1:
+                params = list(chunk[kept[0]])
             else:
-                params = list(chain.from_iterable(chunk))
+                params = list(chain.from_iterable(zip(*[chunk[k] for k in kept], strict=True)))
             key = (size, tuple(nulls), tuple(shared))
             sql = self._sql.get(key) or self._compose(key)
             out.append((sql, head + params if head else params))
