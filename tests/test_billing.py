@@ -58,8 +58,11 @@ def test_computed_cost_is_exact_with_cached_and_reasoning_tokens_and_reported_co
     assert r.exit_code == 0, r.stderr
     rows = attempt_rows(db)
     assert len(rows) == 5
+    # the provider's usage object as received: in the completion's raw body
+    raws = dict_rows(db, "SELECT seq, attempt_no, raw FROM completion")
+    usages = {(c["seq"], c["attempt_no"]): orjson.loads(c["raw"])["usage"] for c in raws}
     for a in rows:
-        usage = orjson.loads(a["usage_json"])
+        usage = usages[a["seq"], a["attempt_no"]]
         assert a["cached_tokens"] == usage["prompt_tokens_details"]["cached_tokens"] == 8
         assert a["reasoning_tokens"] == usage["completion_tokens_details"]["reasoning_tokens"] == 5
         fresh = a["prompt_tokens"] - 8

@@ -47,7 +47,7 @@ def test_every_command_uses_pipeline_db_when_no_db_is_given(
     assert cli("export", "a", "-o", "a.jsonl", env=env).exit_code == 0
     assert len((workdir / "a.jsonl").read_bytes().splitlines()) == 4
     upgrade = cli("db", "upgrade", env=env)
-    assert upgrade.exit_code == 0 and "is at revision 0007" in upgrade.stdout
+    assert upgrade.exit_code == 0 and "is at revision 0008" in upgrade.stdout
     assert untouched(default_db())
 
 

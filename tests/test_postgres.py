@@ -43,7 +43,7 @@ def test_migrations_views_and_models_agree_on_postgresql(pg_url: str) -> None:
             await store.close()
 
     head, diff = anyio.run(go)
-    assert head == "0007"
+    assert head == "0008"
     assert diff == []
 
 

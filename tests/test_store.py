@@ -49,7 +49,7 @@ def test_blank_database_migrates_to_head_with_tables_and_views(workdir: Path, db
     assert {"run", "request", "request_input", "attempt", "completion"} <= tables
     assert views == set(VIEWS)
     assert query(db, "SELECT version_num FROM alembic_version") == [(head,)]
-    assert head == "0007"
+    assert head == "0008"
 
 
 async def _migrate_to(store: Store, revision: str, *, down: bool = False) -> None:
@@ -273,6 +273,71 @@ def test_the_request_state_index_goes_on_sqlite_at_0007_and_comes_back(workdir: 
     assert "ix_request_run_id_state_seq" in indexes()
 
 
+def test_usage_json_leaves_the_attempt_at_0008_and_comes_back_from_the_completions(
+    workdir: Path, db: str
+) -> None:
+    """0008 drops ``attempt.usage_json`` (the same usage object is in ``completion.raw``); the
+    downgrade adds it back, filled from each attempt's completion, NULL where the usage was our
+    estimate or there is no completion."""
+    usage = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12, "cost": 0.0001}
+
+    async def go() -> tuple[list[str], list[tuple[Any, ...]]]:
+        store = await Store.open(db_url(db), migrate=False)
+        try:
+            now = await _run_at_revision(store, "0007")
+            async with store.engine.begin() as conn:
+                for seq, estimated in ((0, False), (1, True), (2, False)):
+                    await conn.execute(
+                        text(
+                            "INSERT INTO request (run_id, custom_id, seq, body_sha256, state, attempts) "
+                            "VALUES ('r', :cid, :seq, 'h', 'succeeded', 1)"
+                        ),
+                        {"cid": f"c{seq}", "seq": seq},
+                    )
+                    await conn.execute(
+                        text(
+                            "INSERT INTO attempt (run_id, seq, custom_id, attempt_no, endpoint, base_url, "
+                            "model, started_at, outcome, usage_estimated, usage_json) VALUES ('r', :seq, "
+                            ":cid, 1, 'e', 'http://x', 'm', :now, 'success', :est, :usage)"
+                        ),
+                        {
+                            "seq": seq,
+                            "cid": f"c{seq}",
+                            "now": now,
+                            "est": estimated,
+                            "usage": None if estimated else orjson.dumps(usage).decode(),
+                        },
+                    )
+                    if seq < 2:  # the third attempt has no completion
+                        raw = {"id": f"x{seq}", "usage": {**usage, "estimated": True} if estimated else usage}
+                        await conn.execute(
+                            text(
+                                "INSERT INTO completion (run_id, seq, custom_id, attempt_no, raw) "
+                                "VALUES ('r', :seq, :cid, 1, :raw)"
+                            ),
+                            {"seq": seq, "cid": f"c{seq}", "raw": orjson.dumps(raw).decode()},
+                        )
+            await store.migrate()
+            async with store.engine.connect() as conn:
+                columns = await conn.run_sync(
+                    lambda c: [k["name"] for k in inspect(c).get_columns("attempt")]
+                )
+            await _migrate_to(store, "0007", down=True)
+            async with store.engine.connect() as conn:
+                back = (await conn.execute(text("SELECT seq, usage_json FROM attempt ORDER BY seq"))).all()
+            return columns, [tuple(r) for r in back]
+        finally:
+            await store.close()
+
+    columns, back = anyio.run(go)
+    assert "usage_json" not in columns and "prompt_tokens" in columns
+    assert [(seq, None if u is None else orjson.loads(u)) for seq, u in back] == [
+        (0, usage),
+        (1, None),
+        (2, None),
+    ]
+
+
 @pytest.mark.sqlite_only("WAL is a SQLite journal mode")
 def test_sqlite_database_runs_in_wal_mode(workdir: Path, db: str) -> None:
     """A SQLite file opened by the store is in WAL mode."""
@@ -350,7 +415,6 @@ def _attempt_values(run_id: str, o: Outcome, a: Attempt) -> dict[str, Any]:
         "accepted_prediction_tokens": u and u.accepted_prediction,
         "rejected_prediction_tokens": u and u.rejected_prediction,
         "usage_estimated": None if u is None else u.estimated,
-        "usage_json": None if u is None or u.raw is None else orjson.dumps(u.raw).decode(),
         "cost_picousd": a.cost_picousd,
         "cost_source": a.cost_source,
         "cost_note": a.cost_note,

@@ -328,7 +328,7 @@ async def test_a_stream_without_usage_gets_an_estimate_flagged_as_such() -> None
     assert c.usage is not None and c.usage.estimated
     assert c.usage.prompt > 0 and c.usage.completion > 0
     assert c.usage.total == c.usage.prompt + c.usage.completion
-    assert c.usage.raw is None  # nothing reported: usage_json stays NULL
+    assert c.usage.raw is None  # nothing reported
     assert orjson.loads(c.raw)["usage"]["estimated"] is True
 
 
@@ -622,7 +622,9 @@ def test_a_stream_without_usage_gets_estimated_usage_flagged_and_priced(
     for a in dict_rows(db, "SELECT * FROM attempt"):
         assert (a["outcome"], a["usage_estimated"], a["partial"]) == ("success", 1, 0)
         assert a["prompt_tokens"] > 0 and a["completion_tokens"] > 0 and a["cost_picousd"] > 0
-        assert a["usage_json"] is None
+    # the equivalent chat.completion stored carries the estimate, flagged as one
+    for c in dict_rows(db, "SELECT raw FROM completion"):
+        assert orjson.loads(c["raw"])["usage"]["estimated"] is True
     assert query(db, "SELECT COUNT(*) FROM attempt_bill WHERE usage_estimated") == [(3,)]
 
 

@@ -96,7 +96,6 @@ ATTEMPT_KEYS = (
     "total_tokens",
     *TOKEN_DETAILS,
     "usage_estimated",
-    "usage_json",
     "reported_cost_picousd",
     "upstream_cost_picousd",
 )
@@ -255,7 +254,6 @@ def _attempt_columns(
         seqs,
         *own,
         *(u[_U[name]] for name in _USAGE_COUNTS),
-        _json_column(u[_U["raw"]]),
         _picousd_column(u[_U["reported_cost"]]),
         _picousd_column(u[_U["upstream_cost"]]),
     ]

@@ -170,7 +170,6 @@ attempt = Table(
     Column("accepted_prediction_tokens", Integer),
     Column("rejected_prediction_tokens", Integer),
     Column("usage_estimated", Boolean),
-    Column("usage_json", Text),
     Column("cost_picousd", BigInteger),
     Column("cost_source", String(32)),
     Column("cost_note", Text),
