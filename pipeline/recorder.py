@@ -13,18 +13,18 @@ its requests took 105.3-105.8 ms on average against the mock's 100 and sent 2,40
 with 0.05 s, 103.1-103.6 ms and 2,452-2,468 a second. A run too fast for that still fills
 batches (``bench/recorder.py`` fills every one).
 
-Two tasks share the work: one gathers messages, builds each closed batch's rows (the SQL statements, and the
-result rows of the Parquet parts) and begins its transaction (``Store.start_outcomes``: on
-SQLite it is queued for the database's thread, which takes it as soon as the batch before it
-is committed), while the other waits for the batches' commits, in order, and does what
-follows each. So the database's thread and the event loop work at the same time, and the
-database's thread does not wait for the event loop between batches. At most two batches are
-begun and not yet done (one committing, one queued): memory stays bounded. A claim does not
-close the batch being gathered: it is committed in the next transaction to start (a batch's,
-which takes the claims waiting as it starts, or one of claims alone when no batch is begun),
-and ``claim.done`` is set once it is in the database. After each commit the batch's result
-rows go to the Parquet part writer (derived output; parts are written in the background, off
-the event loop) and the counters. The recorder knows nothing of HTTP.
+Two tasks share the work: one gathers messages, builds each closed batch's rows (the SQL
+statements, and the result rows of the Parquet parts) and begins its transaction
+(``Store.start_outcomes``: on SQLite it is queued for the database's thread, which takes it as
+soon as the batch before it is committed), while the other waits for the batches' commits, in
+order, and does what follows each. So the database's thread and the event loop work at the
+same time, and the database's thread does not wait for the event loop between batches. At most
+two batches are begun and not yet done (one committing, one queued): memory stays bounded. A
+claim does not close the batch being gathered: it is committed in the next transaction to
+start (a batch's, which takes the claims waiting as it starts, or one of claims alone when no
+batch is begun), and ``claim.done`` is set once it is in the database. After each commit the
+batch's result rows go to the Parquet part writer (derived output; parts are written in the
+background, off the event loop) and the counters. The recorder knows nothing of HTTP.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """The rows a batch of outcomes writes: attempts, completions, and the requests' new states.
 
-Built column by column, without touching the database, so that the recorder builds one
-batch while the database writes the one before. A column is one C loop over the whole batch
-(``map`` of an attribute getter, or ``zip`` over NamedTuples), where a row was a tuple built
-per outcome in Python and taken apart again column by column for SQLite's many-row
-statements (``Rows.column_chunks``): a batch's columns and statements cost the recorder's
-event loop 4.3-4.5 us per outcome against 7.2 for the rows and their chunks (20 batches of
-1,024 of ``bench/recorder.py``'s outcomes). The engine's path
-(PostgreSQL, workers sharing a run) takes rows: :attr:`OutcomeRows.attempts` and its
-siblings turn the columns into tuples once, on demand.
+Built column by column, without touching the database, so that the recorder builds one batch
+while the database writes the one before. A column is one C loop over the whole batch (``map``
+of an attribute getter, or ``zip`` over NamedTuples), where a row was a tuple built per
+outcome in Python and taken apart again column by column for SQLite's many-row statements
+(``Rows.column_chunks``): a batch's columns and statements cost the recorder's event loop
+4.3-4.5 us per outcome against 7.2 for the rows and their chunks (20 batches of 1,024 of
+``bench/recorder.py``'s outcomes). The engine's path (PostgreSQL, workers sharing a run) takes
+rows: :attr:`OutcomeRows.attempts` and its siblings turn the columns into tuples once, on
+demand.
 
 The columns of each table are named once here (``ATTEMPT_KEYS``, ``COMPLETION_KEYS``,
 ``FINISH_KEYS``); ``Prepared`` checks them against the tables.
