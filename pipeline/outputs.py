@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.pricing import picousd, usd, usd_text
+from pipeline.pricing import attempts_cost, picousd, usd, usd_text
 from pipeline.records import Outcome
 
 __all__ = [
@@ -112,17 +112,6 @@ _ANSWER = attrgetter("model", "response_id", "choices")
 _CHOICE = attrgetter("finish_reason", "content", "reasoning", "refusal", "tool_calls")
 
 
-def _sums(attempts: Sequence[Any]) -> tuple[int | None, int | None]:
-    """The request's cost and provider-reported cost, in picodollars, over its attempts."""
-    cost = reported = None
-    for x in attempts:
-        if x.cost_picousd is not None:
-            cost = (cost or 0) + x.cost_picousd
-        if x.usage is not None and x.usage.reported_cost is not None:
-            reported = (reported or 0) + picousd(x.usage.reported_cost)
-    return cost, reported
-
-
 @dataclass(frozen=True, slots=True)
 class ResultRows:
     """Finished requests as result rows, column by column (built before their commit)."""
@@ -156,7 +145,7 @@ def result_rows(
             endpoint, model, c, u, parsed, cost = _FINAL(a)
             head = (endpoint, model)
             if len(attempts) > 1:
-                cost, reported = _sums(attempts)
+                cost, reported = attempts_cost(attempts)
             else:
                 reported = None if u is None or u.reported_cost is None else picousd(u.reported_cost)
             if c is None:

@@ -12,15 +12,15 @@ The catalogue is used offline: its price-update thread is never started.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 
-from pipeline.records import Usage
+from pipeline.records import Attempt, Usage
 from pipeline.spec import ModelPrice
 
-__all__ = ["PICO_PER_USD", "Cost", "PriceBook", "picousd", "usd", "usd_text"]
+__all__ = ["PICO_PER_USD", "Cost", "PriceBook", "attempts_cost", "picousd", "usd", "usd_text"]
 
 log = logging.getLogger(__name__)
 PICO_PER_USD = Decimal(10) ** 12
@@ -29,6 +29,18 @@ _PER_MTOK = Decimal(10) ** 6
 
 def picousd(dollars: Decimal) -> int:
     return int((dollars * PICO_PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def attempts_cost(attempts: Sequence[Attempt]) -> tuple[int | None, int | None]:
+    """A request's computed and provider-reported cost, in picodollars, summed over its
+    attempts (None where no attempt has one)."""
+    cost = reported = None
+    for a in attempts:
+        if a.cost_picousd is not None:
+            cost = (cost or 0) + a.cost_picousd
+        if a.usage is not None and a.usage.reported_cost is not None:
+            reported = (reported or 0) + picousd(a.usage.reported_cost)
+    return cost, reported
 
 
 def usd(pico: int | None) -> Decimal | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.pricing import picousd
+from pipeline.pricing import attempts_cost, picousd
 from pipeline.records import Attempt, Completion, Outcome, Usage
 
 __all__ = [
@@ -314,18 +314,8 @@ def _request_columns(
         cost: Sequence[Any] = acols[ATTEMPT_KEYS.index("cost_picousd")]
         reported: Sequence[Any] = acols[ATTEMPT_KEYS.index("reported_cost_picousd")]
     else:
-        final, cost, reported = [], [], []
-        for o in outcomes:
-            c = r = None
-            for a in o.attempts:
-                if a.cost_picousd is not None:
-                    c = (c or 0) + a.cost_picousd
-                u = a.usage
-                if u is not None and u.reported_cost is not None:
-                    r = (r or 0) + picousd(u.reported_cost)
-            final.append(o.attempts[-1].attempt_no if o.attempts else None)
-            cost.append(c)
-            reported.append(r)
+        final = [o.attempts[-1].attempt_no if o.attempts else None for o in outcomes]
+        cost, reported = zip(*map(attempts_cost, map(_ATTEMPTS, outcomes)), strict=True)
     return [
         [run_id] * n,
         list(map(_SEQ, outcomes)),
