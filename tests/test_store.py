@@ -756,13 +756,18 @@ def test_sqlite_datetime_text_is_sqlalchemy_s(workdir: Path) -> None:
         assert statements.stamp_all(column) == [process(v) for v in column]
 
 
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows given column by column, as Rows.column_chunks takes them."""
+    return list(zip(*rows, strict=True))
+
+
 def test_rows_chunks_cover_the_rows_in_order_with_null_columns_as_literals() -> None:
     """Rows: chunks of powers of two, in order; a column NULL in a whole chunk is a literal."""
     from pipeline.store.prepared import Rows
 
     rows = [(i, None if i < 5 else f"v{i}", None, i * 2) for i in range(13)]
     stmt = Rows("INSERT INTO t VALUES {values}", 4, max_rows=8)
-    chunks = stmt.chunks(rows)
+    chunks = stmt.column_chunks(_columns(rows))
     assert [sql.count("(") for sql, _ in chunks] == [8, 4, 1]
     sql, params = chunks[0]
     assert sql == "INSERT INTO t VALUES " + ",".join(["(?,?,NULL,?)"] * 8)
@@ -774,7 +779,7 @@ def test_rows_chunks_cover_the_rows_in_order_with_null_columns_as_literals() -> 
             conn.execute(sql, params)
         assert conn.execute("SELECT * FROM t").fetchall() == rows
     with pytest.raises(ValueError, match="rows of 4 values"):
-        stmt.chunks([(1, 2, 3)])
+        stmt.column_chunks(_columns([(1, 2, 3)]))
 
 
 def test_rows_bind_a_column_with_one_value_in_a_chunk_once() -> None:
@@ -784,7 +789,7 @@ def test_rows_bind_a_column_with_one_value_in_a_chunk_once() -> None:
 
     rows = [("run", i, "ok" if i != 9 else "no", 1, None) for i in range(12)]
     stmt = Rows("INSERT INTO t VALUES {values}", 5, max_rows=8, shared=[0, 2, 3])
-    chunks = stmt.chunks(rows)
+    chunks = stmt.column_chunks(_columns(rows))
     assert [len(p) for _, p in chunks] == [3 + 8, 2 + 4 * 2]  # 8 rows: run, ok, 1 once; 4: run, 1
     sql, params = chunks[0]
     # the first row numbers its own parameters after the shared ones; the rest are plain "?"
@@ -797,16 +802,16 @@ def test_rows_bind_a_column_with_one_value_in_a_chunk_once() -> None:
     )
     # equal in Python, not one type: bound per row (1 and 1.0 are not one value in a TEXT column)
     mixed = [("run", 0, "ok", 1, None), ("run", 1, "ok", 1.0, None)]
-    assert stmt.chunks(mixed)[0] == (
+    assert stmt.column_chunks(_columns(mixed))[0] == (
         "INSERT INTO t VALUES (?1,?3,?2,?4,NULL),(?1,?,?2,?,NULL)",
         ["run", "ok", 0, 1, 1, 1.0],
     )
     # every column but one shared or NULL: that one is a value per row, not a tuple
     alone = [("run", i, "ok", 1, None) for i in range(2)]
-    assert stmt.chunks(alone)[0][1] == ["run", "ok", 1, 0, 1]
+    assert stmt.column_chunks(_columns(alone))[0][1] == ["run", "ok", 1, 0, 1]
     with sqlite3.connect(":memory:") as conn:
         conn.execute("CREATE TABLE t (a, b, c, d TEXT, e)")
-        for sql, params in [*chunks, *stmt.chunks(mixed)]:
+        for sql, params in [*chunks, *stmt.column_chunks(_columns(mixed))]:
             conn.execute(sql, params)
         assert conn.execute("SELECT * FROM t").fetchall() == [
             (a, b, c, str(d), e) for a, b, c, d, e in [*rows, *mixed]

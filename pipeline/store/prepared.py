@@ -143,22 +143,10 @@ class Rows:
         self._stamp = stamp
         self._sql: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
 
-    def chunks(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
-        """(SQL, parameters) per chunk, covering ``rows`` in order."""
-        if not rows:
-            return []
-        try:
-            columns = list(zip(*rows, strict=True))
-        except ValueError:
-            columns = []
-        if len(columns) != self.width:
-            raise ValueError(f"rows of {self.width} values expected")
-        return self.column_chunks(columns)
-
     def column_chunks(self, columns: Sequence[Sequence[Any]]) -> list[tuple[str, list[Any]]]:
-        """:meth:`chunks` of rows given column by column: ``columns[k][i]`` is row i's value
-        of column k (what the recorder builds: a column is one C loop over a batch, where a
-        row is a tuple built per outcome and taken apart again here)."""
+        """(SQL, parameters) per chunk, covering the rows in order, given column by column:
+        ``columns[k][i]`` is row i's value of column k (what the recorder builds, see
+        ``pipeline/store/batch.py``)."""
         width, candidates, stamp = self.width, self._shared, self._stamp
         if len(columns) != width:
             raise ValueError(f"rows of {width} values expected")
@@ -190,10 +178,7 @@ class Rows:
                     head[shared.index(k)] = stamp([chunk[k][0]])[0]
                 elif k not in nulls:
                     chunk[k] = stamp(chunk[k])
-            if len(kept) == 1:
-                params = list(chunk[kept[0]])
-            else:
-                params = list(chain.from_iterable(zip(*[chunk[k] for k in kept], strict=True)))
+            params = list(chain.from_iterable(zip(*[chunk[k] for k in kept], strict=True)))
             key = (size, tuple(nulls), tuple(shared))
             sql = self._sql.get(key) or self._compose(key)
             out.append((sql, head + params if head else params))
